@@ -1,0 +1,42 @@
+# Shipyard: `make demo` (set-up + the flagship job) and `make test` (set-up + the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build by default (lies on disk here). GPU machines: make setup TORCH_SPEC="torch==2.13.0" \
+#   TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.shipyard-installed
+
+.PHONY: setup demo test test-fast bench check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/python -c "import torch, ray, mlflow, deepspeed; print('torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/shipyard run jobs/minrnn/stdlib-code.yaml
+
+check: setup
+	$(BIN)/shipyard check 'jobs/**/*.yaml'
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/pip install --quiet --no-deps -e ".[bench]" "minGRU-pytorch==0.2.1"
+	$(BIN)/python benchmarks/minrnn_scan.py --quick
+	$(BIN)/python benchmarks/platform_overhead.py --quick
+	$(BIN)/python benchmarks/report.py
+
+clean:
+	rm -rf .shipyard

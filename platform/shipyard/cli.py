@@ -1,0 +1,162 @@
+"""`shipyard` command line: run | resume | runs | check.
+
+    shipyard check jobs/**/*.yaml              validate specs without running anything
+    shipyard run JOB [key.sub=value ...]       train on an embedded Ray cluster (or --address)
+    shipyard runs                              list runs recorded in MLflow
+    shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shipyard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="validate job specs")
+    p.add_argument("specs", nargs="+", help="job spec files (globs like jobs/**/*.yaml work)")
+    p.set_defaults(func=cmd_check)
+
+    for name, helptext in (("run", "run a job spec"), ("resume", "continue a run")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("target", help="job spec file" if name == "run" else "MLflow run id (or prefix) or run name")
+        p.add_argument("overrides", nargs="*", help="key.sub=value")
+        p.add_argument("--address", help="an existing Ray cluster (default: embedded local cluster; "
+                                         "RAY_ADDRESS also works)")
+        p.add_argument("--stop-at", type=int, metavar="STEP",
+                       help="stop cleanly with a checkpoint at this step; `shipyard resume` continues")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else embedded sqlite)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_run if name == "run" else cmd_resume)
+
+    p = sub.add_parser("runs", help="list runs from MLflow")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--experiment", help="only this experiment")
+    p.add_argument("-n", "--limit", type=int, default=20)
+    p.set_defaults(func=cmd_runs)
+
+    args = parser.parse_args(argv)
+    from shipyard.spec import SpecError
+    try:
+        return args.func(args)
+    except SpecError as e:
+        console.print(f"[red]invalid job spec[/red] {e}", markup=True, highlight=False)
+        return 2
+    except LookupError as e:
+        console.print(f"[red]error:[/red] {e.args[0]}", highlight=False)
+        return 2
+
+
+def cmd_check(args) -> int:
+    from shipyard.spec import SpecError, load_job
+    paths = sorted({p for pattern in args.specs for p in (glob.glob(pattern, recursive=True) or [pattern])})
+    bad = 0
+    for path in paths:
+        try:
+            spec = load_job(path)
+            out.print(f"[green]ok[/green]   {path}  ({spec.family}, {spec.sharding.strategy}, "
+                      f"{spec.scaling.num_workers} workers)", highlight=False)
+        except SpecError as e:
+            bad += 1
+            out.print(f"[red]FAIL[/red] {e}", highlight=False)
+    return 1 if bad else 0
+
+
+def cmd_run(args) -> int:
+    from shipyard.spec import load_job
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    spec = load_job(args.target, overrides)
+    return _run(spec, args, resume=None)
+
+
+def cmd_resume(args) -> int:
+    from shipyard.spec import parse_job
+    from shipyard.train.tracking import client, TAG
+    mlflow = client(args.tracking_uri)
+    run = find_run(mlflow, args.target)
+    spec_path = mlflow.download_artifacts(run.info.run_id, "spec.yaml")
+    import yaml
+    with open(spec_path) as f:
+        raw = yaml.safe_load(f)
+    if args.tracking_uri:
+        raw.setdefault("tracking", {})["uri"] = args.tracking_uri
+    spec = parse_job(raw, list(args.overrides))
+    console.print(f"resuming run {run.info.run_name} ({run.info.run_id}) from "
+                  f"{run.data.tags.get(TAG + 'run_dir')}", highlight=False)
+    return _run(spec, args, resume=(run.info.run_id, run.info.run_name))
+
+
+def _run(spec, args, resume) -> int:
+    from shipyard.train.launch import run_job
+    result = run_job(spec, address=args.address, resume=resume, stop_at=args.stop_at, quiet=args.quiet)
+    table = Table(title=f"run {result.run_name}: {result.status}", show_header=False)
+    table.add_row("MLflow run", f"{result.run_id}  ({result.tracking_uri})")
+    table.add_row("checkpoint", result.checkpoint or "none")
+    for k in ("step", "train/loss", "val/loss", "val/bits_per_byte"):
+        if k in result.metrics:
+            table.add_row(k, f"{result.metrics[k]:.4g}" if isinstance(result.metrics[k], float) else str(result.metrics[k]))
+    out.print(table)
+    if result.error is not None:
+        console.print(f"[red]the run failed:[/red] {result.error}", highlight=False)
+        return 1
+    return 0
+
+
+def find_run(mlflow, target: str):
+    """An MLflow run by id, id prefix, or run name (newest first)."""
+    from mlflow.exceptions import MlflowException
+    try:
+        return mlflow.get_run(target)
+    except MlflowException:
+        pass
+    exps = [e.experiment_id for e in mlflow.search_experiments()]
+    runs = mlflow.search_runs(exps, max_results=1000, order_by=["attributes.start_time DESC"])
+    matches = [r for r in runs if r.info.run_id.startswith(target) or r.info.run_name == target]
+    if not matches:
+        raise LookupError(f"no run {target!r} in {mlflow.tracking_uri}; `shipyard runs` lists them")
+    if len({r.info.run_id for r in matches}) > 1 and not all(r.info.run_name == target for r in matches):
+        raise LookupError(f"{target!r} matches several runs; give more of the run id")
+    return matches[0]
+
+
+def cmd_runs(args) -> int:
+    from shipyard.train.tracking import client, TAG
+    mlflow = client(args.tracking_uri)
+    exps = mlflow.search_experiments()
+    if args.experiment:
+        exps = [e for e in exps if e.name == args.experiment]
+    names = {e.experiment_id: e.name for e in exps}
+    runs = mlflow.search_runs(list(names), max_results=args.limit,
+                              order_by=["attributes.start_time DESC"]) if names else []
+    table = Table(title=f"runs in {mlflow.tracking_uri}")
+    for col in ("run id", "name", "experiment", "status", "family", "strategy", "workers", "step",
+                "train loss", "val loss", "checkpoint"):
+        table.add_column(col, overflow="fold")
+    for r in runs:
+        m, t = r.data.metrics, r.data.tags
+        table.add_row(r.info.run_id[:12], r.info.run_name, names[r.info.experiment_id], r.info.status,
+                      t.get(TAG + "family", ""), t.get(TAG + "strategy", ""), t.get(TAG + "world_size", ""),
+                      _fmt(m.get("step")), _fmt(m.get("train/loss")), _fmt(m.get("val/loss")),
+                      t.get(TAG + "checkpoint", ""))
+    out.print(table)
+    return 0
+
+
+def _fmt(v) -> str:
+    return "" if v is None else (f"{v:.4f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Where the Ray work runs: an embedded local cluster by default, or an existing one.
+
+`connect(address=None)`: no address starts a fresh local cluster in this process
+(`address="local"`, so a stale `/tmp/ray/ray_current_cluster` from an earlier `ray start` cannot
+hijack the run); an address (`--address`, or `RAY_ADDRESS`) joins that cluster instead.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+HOME = Path(os.environ.get("SHIPYARD_HOME", ".shipyard"))
+"""Embedded state: MLflow's sqlite store, checkpoints, data caches. Relative to the working dir."""
+
+
+def home() -> Path:
+    HOME.mkdir(parents=True, exist_ok=True)
+    return HOME.resolve()
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Initialise Ray once per process; a no-op when already connected."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env = {"env_vars": {"PYTHONPATH": _code_paths()}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    # Logical CPUs beyond the physical ones let a worker group, the driver's helpers and a
+    # sweep's trials co-exist on a laptop; torch threads are pinned per worker anyway.
+    cpus = num_cpus or max(os.cpu_count() or 1, 4)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
+             log_to_driver=True, configure_logging=False)
+
+
+def _code_paths() -> str:
+    """Source folders of both packages, so workers import the same code as the driver."""
+    import shipyard
+    import shipyard_models
+    paths = [str(Path(shipyard.__file__).resolve().parents[1]),
+             str(Path(shipyard_models.__file__).resolve().parents[1])]
+    extra = os.environ.get("PYTHONPATH")
+    return os.pathsep.join(paths + ([extra] if extra else []))
