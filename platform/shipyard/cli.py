@@ -102,12 +102,19 @@ def _run(spec, args, resume) -> int:
     from shipyard.train.launch import run_job
     result = run_job(spec, address=args.address, resume=resume, stop_at=args.stop_at, quiet=args.quiet)
     table = Table(title=f"run {result.run_name}: {result.status}", show_header=False)
-    table.add_row("MLflow run", f"{result.run_id}  ({result.tracking_uri})")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("MLflow run", result.run_id)
+    table.add_row("tracking", result.tracking_uri)
     table.add_row("checkpoint", result.checkpoint or "none")
     for k in ("step", "train/loss", "val/loss", "val/bits_per_byte"):
         if k in result.metrics:
             table.add_row(k, f"{result.metrics[k]:.4g}" if isinstance(result.metrics[k], float) else str(result.metrics[k]))
     out.print(table)
+    if result.tracking_uri.startswith("sqlite:"):
+        out.print(f"browse it: mlflow ui --backend-store-uri {result.tracking_uri}", highlight=False)
+    if result.status == "KILLED" and result.checkpoint:
+        out.print(f"continue it: shipyard resume {result.run_id[:12]}", highlight=False)
     if result.error is not None:
         console.print(f"[red]the run failed:[/red] {result.error}", highlight=False)
         return 1

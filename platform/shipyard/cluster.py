@@ -7,6 +7,8 @@ hijack the run); an address (`--address`, or `RAY_ADDRESS`) joins that cluster i
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import ray
@@ -32,8 +34,20 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     # Logical CPUs beyond the physical ones let a worker group, the driver's helpers and a
     # sweep's trials co-exist on a laptop; torch threads are pinned per worker anyway.
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
-             log_to_driver=True, configure_logging=False)
+    # Ray's processes inherit an ignored SIGINT, so a Ctrl-C in the terminal (sent to the whole
+    # process group) reaches only the driver, which then stops the workers cleanly.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        # The dashboard hosts the state API that Ray Train's placement-group cleaner polls (ray#54305).
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=env, log_to_driver=True, configure_logging=False)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _code_paths() -> str:

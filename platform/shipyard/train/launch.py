@@ -1,12 +1,13 @@
 """Driver side of a run: job spec -> `TorchTrainer` on Ray Train V2, progress, tracking, Ctrl-C.
 
 `run_job` starts (or with `resume=` continues) a run and blocks until it ends. `trainer.fit()`
-runs in a thread while the main thread drains the run's `Channel` actor: it draws the progress bar
-and logs to MLflow. The first Ctrl-C asks the workers to stop after the current step with a
-checkpoint; a second one aborts.
+runs on the calling thread (Ray Train handles Ctrl-C there) while a helper thread drains the run's
+`Channel` actor: it draws the progress bar and logs to MLflow. The first Ctrl-C asks the workers
+to stop after the current step with a checkpoint; a second one aborts at once.
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import uuid
@@ -68,7 +69,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     run_dir = join(root, run_name)
     tracker = Tracker(spec, run_name, run_dir, run_id=resume[0] if resume else None)
     channel = Channel.remote()
-    trainer = TorchTrainer(
+    progress = _Progress(spec, quiet)
+    trainer = _Trainer(
+        channel, lambda text: progress.note(text),
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "channel": channel, "run_dir": run_dir,
                            "stop_at": stop_at, "cache_dir": str(home() / "data")},
@@ -82,60 +85,84 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep or None)),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
     )
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # reported on the main thread
-            outcome["error"] = e
-
-    progress = _Progress(spec, quiet)
-    thread = threading.Thread(target=fit, name="shipyard-fit", daemon=True)
-    thread.start()
-    interrupted = False
     last: dict = {}
-    try:
+    done = threading.Event()
+
+    def follow():
+        """Drain progress records into the bar and MLflow until the run ends (then once more)."""
         while True:
-            try:
-                alive = thread.is_alive()
-                records = ray.get(channel.drain.remote())
-                for r in records:
-                    if "event" in r:
-                        progress.note(f"resumed from step {r['step']} ({r['checkpoint']})")
-                        continue
-                    last.update(r)
-                    progress.update(r)
-                    if on_record:
-                        on_record(r)
-                tracker.log([r for r in records if "event" not in r])
-                if not alive:
-                    break
-                thread.join(timeout=0.5)
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                channel.request_stop.remote()
-                progress.note("stopping after the current step and saving a checkpoint "
-                              "(Ctrl-C again to abort)")
+            finished = done.wait(timeout=0.5)
+            records = ray.get(channel.drain.remote())
+            for r in records:
+                if "event" in r:
+                    progress.note(f"resumed from step {r['step']} ({r['checkpoint']})")
+                    continue
+                last.update(r)
+                progress.update(r)
+                if on_record:
+                    on_record(r)
+            tracker.log([r for r in records if "event" not in r])
+            if finished:
+                return
+
+    follower = threading.Thread(target=follow, name="shipyard-progress", daemon=True)
+    follower.start()
+    error: BaseException | None = None
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit()
     except KeyboardInterrupt:
+        done.set()
+        follower.join(timeout=10)
+        progress.close()
         tracker.finish("KILLED", last)
-        progress.close()
         raise
+    except Exception as e:  # TrainingFailedError and friends: recorded, reported by the caller
+        error = e
     finally:
+        done.set()
+        follower.join(timeout=30)
         progress.close()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
 
     fs, path = filesystem(run_dir)
     latest = ckpt.latest_complete(fs, path)
-    error = outcome.get("error")
-    status = "FAILED" if error else "FINISHED"
+    stopped = trainer.stops > 0 and not error
+    status = "FAILED" if error else ("KILLED" if stopped else "FINISHED")
     if latest:
         tracker.set_tag("checkpoint", latest)
     tracker.finish(status, last)
     ray.kill(channel)
     return RunResult(run_id=tracker.run_id, run_name=run_name, status=status, checkpoint=latest,
                      metrics=last, tracking_uri=tracker.client.tracking_uri, error=error)
+
+
+class _Trainer(TorchTrainer):
+    """A `TorchTrainer` whose Ctrl-C first asks the workers to stop with a checkpoint.
+
+    Ray Train V2 registers its own SIGINT handler when `fit()` runs on the main thread (it aborts
+    the run at once); this keeps that as the second Ctrl-C and makes the first one graceful.
+    """
+
+    def __init__(self, channel, note, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel, self.note, self.stops = channel, note, 0
+
+    def _register_sigint_handler(self, controller) -> None:
+        def handler(signum, frame):
+            self.stops += 1
+            if self.stops == 1:
+                self.channel.request_stop.remote()
+                self.note("Ctrl-C: stopping after the current step with a checkpoint "
+                          "(again: abort now, without one)")
+            elif self.stops == 2:
+                self.note("Ctrl-C: aborting the run; the last complete checkpoint stays usable")
+                controller.abort.remote()
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
 
 
 class _Progress:
