@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri")
     p.add_argument("--experiment", help="only this experiment")
     p.add_argument("-n", "--limit", type=int, default=20)
+    p.add_argument("-l", "--long", action="store_true", help="also show checkpoint paths")
     p.set_defaults(func=cmd_runs)
 
     args = parser.parse_args(argv)
@@ -147,22 +149,28 @@ def cmd_runs(args) -> int:
     names = {e.experiment_id: e.name for e in exps}
     runs = mlflow.search_runs(list(names), max_results=args.limit,
                               order_by=["attributes.start_time DESC"]) if names else []
-    table = Table(title=f"runs in {mlflow.tracking_uri}")
-    for col in ("run id", "name", "experiment", "status", "family", "strategy", "workers", "step",
-                "train loss", "val loss", "checkpoint"):
-        table.add_column(col, overflow="fold")
+    from rich import box
+    table = Table(title=f"runs in {mlflow.tracking_uri}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("run id", no_wrap=True)
+    table.add_column("name", overflow="fold", ratio=1, min_width=20)
+    for col in ("status", "job", "step", "loss", "val", "started"):
+        table.add_column(col, no_wrap=True)
+    if args.long:
+        table.add_column("checkpoint", overflow="fold", ratio=1)
     for r in runs:
         m, t = r.data.metrics, r.data.tags
-        table.add_row(r.info.run_id[:12], r.info.run_name, names[r.info.experiment_id], r.info.status,
-                      t.get(TAG + "family", ""), t.get(TAG + "strategy", ""), t.get(TAG + "world_size", ""),
-                      _fmt(m.get("step")), _fmt(m.get("train/loss")), _fmt(m.get("val/loss")),
-                      t.get(TAG + "checkpoint", ""))
+        job = f"{t.get(TAG + 'family', '?')} {t.get(TAG + 'strategy', '?')}x{t.get(TAG + 'world_size', '?')}"
+        started = time.strftime("%m-%d %H:%M", time.localtime(r.info.start_time / 1000))
+        table.add_row(r.info.run_id[:12], f"{r.info.run_name} [dim]({names[r.info.experiment_id]})[/dim]",
+                      r.info.status, job, _fmt(m.get("step")), _fmt(m.get("train/loss")),
+                      _fmt(m.get("val/loss")), started,
+                      *((t.get(TAG + "checkpoint", ""),) if args.long else ()))
     out.print(table)
     return 0
 
 
 def _fmt(v) -> str:
-    return "" if v is None else (f"{v:.4f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}")
+    return "" if v is None else f"{v:.4g}"
 
 
 if __name__ == "__main__":

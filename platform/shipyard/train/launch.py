@@ -128,8 +128,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
 
     fs, path = filesystem(run_dir)
     latest = ckpt.latest_complete(fs, path)
-    stopped = trainer.stops > 0 and not error
-    status = "FAILED" if error else ("KILLED" if stopped else "FINISHED")
+    # A run stopped early (Ctrl-C, --stop-at) is KILLED in MLflow's terms until resumed to its end.
+    status = "FAILED" if error else ("FINISHED" if last.get("step") == spec.train.steps else "KILLED")
     if latest:
         tracker.set_tag("checkpoint", latest)
     tracker.finish(status, last)
