@@ -31,7 +31,7 @@ STOP = 3
 
 def tiny(strategy: str, *extra: str):
     sharding = {"ddp": [], "fsdp": ["sharding.strategy=fsdp"],
-                "deepspeed": ["sharding.strategy=deepspeed", "sharding.zero_stage=2"]}[strategy]
+                "deepspeed": ["sharding.strategy=deepspeed", "sharding.zero_stage=3"]}[strategy]
     return load_job(JOB, [*TINY, *sharding, *extra])
 
 

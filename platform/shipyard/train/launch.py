@@ -62,7 +62,11 @@ class RunResult:
 def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str] | None = None,
             stop_at: int | None = None, on_record: Callable[[dict], None] | None = None,
             quiet: bool = False) -> RunResult:
-    """Run a job to its end (or to `stop_at`); `resume=(mlflow_run_id, run_name)` continues a run."""
+    """Run a job to its end (or to `stop_at`); `resume=(mlflow_run_id, run_name)` continues a run.
+
+    `on_record` sees every record from the workers: metrics `{"step": s, name: value, ...}` and
+    events `{"event": "resumed", "step": s, "checkpoint": path}`.
+    """
     connect(address)
     root = storage_root(spec.storage.path)
     run_name = resume[1] if resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -94,13 +98,13 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
             finished = done.wait(timeout=0.5)
             records = ray.get(channel.drain.remote())
             for r in records:
+                if on_record:
+                    on_record(r)
                 if "event" in r:
                     progress.note(f"resumed from step {r['step']} ({r['checkpoint']})")
                     continue
                 last.update(r)
                 progress.update(r)
-                if on_record:
-                    on_record(r)
             tracker.log([r for r in records if "event" not in r])
             if finished:
                 return

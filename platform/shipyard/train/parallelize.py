@@ -12,8 +12,9 @@ Each strategy is a small engine with the same surface, so the training loop neve
 All three use AdamW with the same hyperparameters, and the learning rate is set from the step
 before every update (`lr_at`), so the schedule carries no state beyond the step.
 DDP and FSDP2 save through `torch.distributed.checkpoint` (which reshards on load); DeepSpeed
-through its own engine, loaded with `torch.load(weights_only=True)` and an explicit allow-list of
-DeepSpeed's plain data classes (its own loader would unpickle anything).
+through its own engine. Neither engine's stock loader is safe on untrusted storage (DCP unpickles
+its `.metadata`, DeepSpeed calls `torch.load(weights_only=False)`), so both are read here through
+restricted unpicklers that admit only the engines' own plain metadata classes.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ class _TorchEngine:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, storage_reader=_SafeFileSystemReader(str(directory)))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
@@ -110,6 +111,44 @@ class _TorchEngine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if dist.get_rank() == 0 else {}
+
+
+def _safe_dcp_reader_class():
+    import pickle
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    allowed = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    allowed_modules = {"torch.distributed.checkpoint.metadata"}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if (module, name) in allowed or module in allowed_modules or is_dtype:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which "
+                                         "Shipyard does not load (only checkpoint metadata types)")
+
+    class SafeFileSystemReader(FileSystemReader):
+        """DCP's reader unpickles `.metadata` with plain pickle; this one allows only DCP's own
+        metadata classes (tensor data is read by DCP with `weights_only=True` already)."""
+
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = Unpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
+def _SafeFileSystemReader(path: str):
+    return _safe_dcp_reader_class()(path)
 
 
 class DDPEngine(_TorchEngine):
