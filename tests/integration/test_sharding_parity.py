@@ -41,12 +41,12 @@ class Tiny(nn.Module):
         return self.head(x)
 
 
-def _spec(strategy: str, stage: int, world: int) -> JobSpec:
+def _spec(strategy: str, stage: int, world: int, offload: bool = False) -> JobSpec:
     return JobSpec(name="parity", family="test", model=None, data=None,
                    train=TrainSpec(steps=STEPS, batch_size=GLOBAL_BATCH, lr=1e-2, weight_decay=0.1,
                                    lr_schedule="constant", grad_clip=0.0),
                    scaling=ScalingSpec(num_workers=world),
-                   sharding=ShardingSpec(strategy=strategy, zero_stage=stage))
+                   sharding=ShardingSpec(strategy=strategy, zero_stage=stage, offload=offload))
 
 
 def _batches():
@@ -55,14 +55,14 @@ def _batches():
             for _ in range(STEPS)]
 
 
-def _train(strategy: str, stage: int, out: str) -> None:
+def _train(strategy: str, stage: int, offload: bool, out: str) -> None:
     """Runs on each worker: STEPS updates on this rank's half of each global batch."""
     import torch.distributed as dist
     from shipyard.train.parallelize import parallelize
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = Tiny()
-    engine = parallelize(model, _spec(strategy, stage, world), list(model.blocks), torch.device("cpu"))
+    engine = parallelize(model, _spec(strategy, stage, world, offload), list(model.blocks), torch.device("cpu"))
     norms = []
     for x, y in _batches():
         loss = nn.functional.mse_loss(engine.model(x[rank::world]), y[rank::world])
@@ -86,15 +86,17 @@ def _reference() -> dict[str, torch.Tensor]:
     return {**model.state_dict(), "grad_norms": torch.tensor(norms)}
 
 
-@pytest.mark.parametrize("strategy,stage", [("ddp", 0), ("fsdp", 0), ("deepspeed", 1),
-                                            ("deepspeed", 2), ("deepspeed", 3)])
-def test_one_run_per_strategy_matches_single_process(ray_cluster, tmp_path, strategy, stage):
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,stage,offload", [
+    ("ddp", 0, False), ("fsdp", 0, False), ("deepspeed", 1, False), ("deepspeed", 2, False),
+    ("deepspeed", 3, False), ("deepspeed", 3, True)])
+def test_one_run_per_strategy_matches_single_process(ray_cluster, tmp_path, strategy, stage, offload):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     out = str(tmp_path / "params.safetensors")
-    TorchTrainer(lambda cfg: _train(**cfg), train_loop_config={"strategy": strategy, "stage": stage or 1, "out": out},
+    TorchTrainer(lambda cfg: _train(**cfg), train_loop_config={"strategy": strategy, "stage": stage or 1, "offload": offload, "out": out},
                  scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(name=f"parity-{strategy}{stage}", storage_path=str(tmp_path / "ray")),
+                 run_config=RunConfig(name=f"parity-{strategy}{stage}{'-offload' * offload}", storage_path=str(tmp_path / "ray")),
                  torch_config=TorchConfig(backend="gloo")).fit()
     got, want = load_file(out), _reference()
     assert set(got) == set(want)
