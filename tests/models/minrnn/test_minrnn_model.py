@@ -1,4 +1,4 @@
-"""MinRNNLM: recurrent generation equals the parallel model; the family seam behaves as documented."""
+"""MinRNNLM: recurrent generation equals the parallel model; the family seam is as documented."""
 import dataclasses
 import typing
 
@@ -82,7 +82,8 @@ def test_config_fields_are_plain_typed(cls):
 
 
 @pytest.mark.parametrize("cls,kw,field", [
-    (Config, {"dim": 0}, "dim"), (Config, {"cell": "gru"}, "cell"), (Config, {"chunk": -1}, "chunk"),
+    (Config, {"dim": 0}, "dim"), (Config, {"cell": "gru"}, "cell"),
+    (Config, {"chunk": -1}, "chunk"),
     (DataConfig, {"seq_len": 0}, "seq_len"), (DataConfig, {"val_every": 1}, "val_every"),
 ])
 def test_config_mistakes_name_the_field(cls, kw, field):
@@ -123,3 +124,12 @@ def test_family_entry_behaves_as_documented(tmp_path):
 
     units = FAMILY.shard_units(model)
     assert len(units) == 3 and all(isinstance(u, Block) for u in units)
+
+
+def test_text_round_trips_through_byte_tokens():
+    from shipyard_models.minrnn import decode, encode
+    text = "def f(x):\n    return 'é' + x\n"
+    tokens = encode(text)
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < 256
+    assert decode(tokens) == text
+    assert decode(torch.tensor([0xC3])) == "\ufffd"

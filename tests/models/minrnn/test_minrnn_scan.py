@@ -40,7 +40,8 @@ def test_parallel_equals_sequential_float64(cell, scan, T, expansion):
     torch.manual_seed(1)
     x = torch.randn(3, T, 6, dtype=torch.double) * 2
     h0 = torch.randn(3, fast.inner, dtype=torch.double) * 3  # non-zero, both signs
-    w_y, w_h = torch.randn(3, T, 6, dtype=torch.double), torch.randn(3, fast.inner, dtype=torch.double)
+    w_y = torch.randn(3, T, 6, dtype=torch.double)
+    w_h = torch.randn(3, fast.inner, dtype=torch.double)
     got = _outputs_and_grads(fast, x, h0, w_y, w_h)
     want = _outputs_and_grads(slow, x, h0, w_y, w_h)
     assert len(got) == len(want)
@@ -113,6 +114,7 @@ def test_saturated_gates_stay_finite_and_accurate_where_a_naive_cumprod_underflo
     log_a, log_b = F.logsigmoid(-k), F.logsigmoid(k) + log_g(u)
     err_log = (log_scan(log_a, log_b, h0).double() - ref).abs().max().item() / scale
     err_log_chunked = (log_scan(log_a, log_b, h0, 64).double() - ref).abs().max().item() / scale
-    print(f"max relative error vs float64: chunked {(out.double() - ref).abs().max().item() / scale:.1e}"
-          f", log-space {err_log:.1e}, log-space chunked by 64 {err_log_chunked:.1e}")
+    err = (out.double() - ref).abs().max().item() / scale
+    print(f"max relative error vs float64: chunked {err:.1e}, log-space {err_log:.1e}, "
+          f"log-space chunked by 64 {err_log_chunked:.1e}")
     assert err_log_chunked < err_log

@@ -1,4 +1,5 @@
-"""A small minGRU LM, trained briefly on standard-library code, beats a bigram model on held-out files."""
+"""A small minGRU LM, trained briefly on standard-library code, beats a bigram model on held-out
+files."""
 import math
 import time
 
@@ -35,7 +36,8 @@ def test_short_training_beats_the_bigram_baseline_on_held_out_files(tmp_path):
         for group in opt.param_groups:  # 20-step warm-up, then linear decay to 10%
             group["lr"] = LR * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / STEPS)
         idx = torch.randint(0, len(train), (BATCH,), generator=gen).tolist()
-        loss, _ = FAMILY.loss(model, {"tokens": torch.stack([train[i]["tokens"] for i in idx])}, step, STEPS)
+        batch = {"tokens": torch.stack([train[i]["tokens"] for i in idx])}
+        loss, _ = FAMILY.loss(model, batch, step, STEPS)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

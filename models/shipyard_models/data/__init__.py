@@ -1,0 +1,1 @@
+"""Corpora and generators shared by the model families (pure Python / NumPy / PyTorch)."""
