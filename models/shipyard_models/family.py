@@ -8,7 +8,7 @@ them; `curriculum_state` only reports that state for the checkpoint metadata and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +38,10 @@ class Family:
         shard_units: `shard_units(model) -> list[nn.Module]`, the blocks FSDP wraps one by one.
         curriculum_state: `curriculum_state(step, total_steps) -> dict` of JSON values describing
             step-driven schedules, recorded in checkpoints; None when the family has none.
+        exports: formats `shipyard export` can write besides plain safetensors, as
+            `{name: export(model, cfg, out_dir)}` (e.g. `"hf"` for a Hugging Face directory).
+        plots: `plots(metrics, out_dir) -> [png paths]` drawn from the final metrics (e.g. a
+            per-layer chart); the platform logs them as MLflow artifacts. None when there are none.
     """
 
     name: str
@@ -49,3 +53,5 @@ class Family:
     evaluate: Callable[[nn.Module, Batch], Metrics]
     shard_units: Callable[[nn.Module], list[nn.Module]]
     curriculum_state: Callable[[int, int], dict] | None = None
+    exports: dict[str, Callable[[nn.Module, Any, Path], None]] = field(default_factory=dict)
+    plots: Callable[[dict[str, float], Path], list[Path]] | None = None

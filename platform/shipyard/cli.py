@@ -1,9 +1,10 @@
-"""`shipyard` command line: run | resume | runs | check.
+"""`shipyard` command line: run | resume | runs | check | export.
 
     shipyard check jobs/**/*.yaml              validate specs without running anything
     shipyard run JOB [key.sub=value ...]       train on an embedded Ray cluster (or --address)
     shipyard runs                              list runs recorded in MLflow
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
+    shipyard export RUN_OR_CHECKPOINT DIR      write the model (--format safetensors | a family's own)
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else embedded sqlite)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_run if name == "run" else cmd_resume)
+
+    p = sub.add_parser("export", help="write a checkpoint's model in a format other tools read")
+    p.add_argument("target", help="checkpoint directory, run directory, or MLflow run (id, prefix, name)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", default="safetensors", help="safetensors (any family) or a family's own, e.g. hf")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("runs", help="list runs from MLflow")
     p.add_argument("--tracking-uri")
@@ -138,6 +146,19 @@ def find_run(mlflow, target: str):
     if len({r.info.run_id for r in matches}) > 1 and not all(r.info.run_name == target for r in matches):
         raise LookupError(f"{target!r} matches several runs; give more of the run id")
     return matches[0]
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+    from shipyard.export import export, resolve_checkpoint
+    source = resolve_checkpoint(args.target, args.tracking_uri)
+    try:
+        files = export(source, args.format, Path(args.out))
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    out.print(f"exported {source} as {args.format} to {args.out}: {', '.join(files)}", highlight=False)
+    return 0
 
 
 def cmd_runs(args) -> int:

@@ -72,3 +72,16 @@ def test_resume_passes_over_a_checkpoint_without_manifest(stopped_run):
     # steps 3 and 4 ran twice; MLflow still has each step exactly once
     steps = [m.step for m in client().get_metric_history(result.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 7))
+
+
+def test_export_by_run_or_path(stopped_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from shipyard.cli import main
+    _, result = stopped_run
+    assert main(["export", result.run_id[:10], str(tmp_path / "a")]) == 0
+    assert main(["export", result.checkpoint, str(tmp_path / "b")]) == 0
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), ckpt.load_weights(result.checkpoint)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((tmp_path / "a" / "shipyard.json").read_text())["family"] == "minrnn"
+    assert main(["export", result.checkpoint, str(tmp_path / "c"), "--format", "onnx"]) == 2
+    assert "family minrnn exports safetensors" in capsys.readouterr().err

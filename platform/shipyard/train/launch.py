@@ -19,6 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from shipyard.cluster import connect, home
+from shipyard.registry import MODELS
 from shipyard.spec import JobSpec
 from shipyard.train import checkpoint as ckpt
 from shipyard.train.loop import train_loop
@@ -136,7 +137,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     status = "FAILED" if error else ("FINISHED" if last.get("step") == spec.train.steps else "KILLED")
     if latest:
         tracker.set_tag("checkpoint", latest)
-    tracker.finish(status, last)
+    tracker.finish(status, last, plots=MODELS[spec.family].plots)
     ray.kill(channel)
     return RunResult(run_id=tracker.run_id, run_name=run_name, status=status, checkpoint=latest,
                      metrics=last, tracking_uri=tracker.client.tracking_uri, error=error)

@@ -82,8 +82,8 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, TAG + key, value)
 
-    def finish(self, status: str, final: dict) -> None:
-        """Artifacts (final metrics JSON, loss curve) and the run's end state."""
+    def finish(self, status: str, final: dict, plots=None) -> None:
+        """Artifacts (final metrics JSON, loss curve, the family's plots) and the run's end state."""
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "final_metrics.json").write_text(json.dumps(final, indent=1, default=str))
             self.client.log_artifact(self.run_id, str(Path(tmp) / "final_metrics.json"))
@@ -91,6 +91,9 @@ class Tracker:
                 png = Path(tmp) / "loss_curve.png"
                 plot_losses(self.history, png, title=self.spec.name)
                 self.client.log_artifact(self.run_id, str(png))
+            if plots is not None and final:
+                for png in plots(final, Path(tmp)):
+                    self.client.log_artifact(self.run_id, str(png))
         self.client.set_terminated(self.run_id, status=status)
 
 
