@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
-out = Console()
+# Piped or captured output gets full lines instead of a table squeezed to 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def main(argv: list[str] | None = None) -> int:
