@@ -7,6 +7,7 @@ called by all ranks only when a checkpoint is written, since it is a barrier.
 """
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -28,6 +29,8 @@ from shipyard.train.storage import filesystem
 
 def train_loop(config: dict) -> None:
     spec: JobSpec = parse_job(config["spec"])
+    # Ray Train logs every checkpoint twice per worker at INFO; the driver's progress says it once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     channel = config["channel"]
     stop_at: int | None = config.get("stop_at")
     ctx = ray.train.get_context()
