@@ -152,9 +152,9 @@ def find_run(mlflow, target: str):
 def cmd_export(args) -> int:
     from pathlib import Path
     from shipyard.export import export, resolve_checkpoint
-    source = resolve_checkpoint(args.target, args.tracking_uri)
+    source, storage = resolve_checkpoint(args.target, args.tracking_uri)
     try:
-        files = export(source, args.format, Path(args.out))
+        files = export(source, args.format, Path(args.out), storage)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2

@@ -83,7 +83,18 @@ class TrackingSpec:
 @dataclass
 class StorageSpec:
     path: str | None = None
-    """Where checkpoints go; default: `.shipyard/runs`."""
+    """Where checkpoints go: a local directory or `s3://bucket/prefix`; default `.shipyard/runs`."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint; default `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else AWS."""
+    region: str | None = None
+    """Default `AWS_REGION` / `AWS_DEFAULT_REGION`."""
+    access_key_id: str | None = None
+    """Default: the usual AWS environment variables / profile. Never logged or stored."""
+    secret_access_key: str | None = None
+    """Never logged or stored; pass it again (or use the environment) to resume."""
+
+
+SECRETS = {("storage", "access_key_id"), ("storage", "secret_access_key")}
 
 
 @dataclass
@@ -112,12 +123,18 @@ class JobSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     failure: FailureSpec = field(default_factory=FailureSpec)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The spec as plain data, in the same shape as the YAML (`model.family` included)."""
+    def to_dict(self, secrets: bool = False) -> dict[str, Any]:
+        """The spec as plain data, in the same shape as the YAML (`model.family` included).
+
+        Credentials are left out unless `secrets=True` (only for handing the spec to workers).
+        """
         out = {"name": self.name, "model": {"family": self.family, **dataclasses.asdict(self.model)}}
         for f in dataclasses.fields(self)[4:]:
             out[f.name] = dataclasses.asdict(getattr(self, f.name))
         out["data"] = dataclasses.asdict(self.data)
+        if not secrets:
+            for block, key in SECRETS:
+                out[block][key] = None
         return out
 
 

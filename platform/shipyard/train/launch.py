@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow.fs as pafs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -72,20 +73,28 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     root = storage_root(spec.storage.path)
     run_name = resume[1] if resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir = join(root, run_name)
+    storage_fs, storage_path = filesystem(root, spec.storage)
+    if isinstance(storage_fs, pafs.LocalFileSystem):
+        storage_fs = None  # Ray's default for local paths
+    else:  # fail before anything starts on a missing bucket or bad credentials
+        bucket = storage_path.split("/")[0]
+        if storage_fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ValueError(f"storage.path: bucket {bucket!r} does not exist (endpoint "
+                             f"{spec.storage.endpoint_url or 'from the environment'})")
     tracker = Tracker(spec, run_name, run_dir, run_id=resume[0] if resume else None)
     channel = Channel.remote()
     progress = _Progress(spec, quiet)
     trainer = _Trainer(
         channel, lambda text: progress.note(text),
         train_loop,
-        train_loop_config={"spec": spec.to_dict(), "channel": channel, "run_dir": run_dir,
+        train_loop_config={"spec": spec.to_dict(secrets=True), "channel": channel, "run_dir": run_dir,
                            "stop_at": stop_at, "cache_dir": str(home() / "data")},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
             placement_strategy=spec.scaling.placement.upper()),
         run_config=RunConfig(
-            name=run_name, storage_path=root,
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep or None)),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -131,8 +140,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_sigint)
 
-    fs, path = filesystem(run_dir)
-    latest = ckpt.latest_complete(fs, path)
+    try:
+        fs, path = filesystem(run_dir, spec.storage)
+        latest = ckpt.latest_complete(fs, path)
+    except Exception as e:  # storage unreachable (botocore errors are not OSErrors): the run's error says more
+        progress.note(f"could not list checkpoints in {run_dir}: {e}")
+        latest = None
+    if latest and run_dir.startswith("s3://"):
+        latest = "s3://" + latest
     # A run stopped early (Ctrl-C, --stop-at) is KILLED in MLflow's terms until resumed to its end.
     status = "FAILED" if error else ("FINISHED" if last.get("step") == spec.train.steps else "KILLED")
     if latest:

@@ -46,7 +46,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.train.seed + 1 + rank)  # per-rank stream for dropout and sampling
 
     step = batches = 0
-    start = _checkpoint_to_resume(config["run_dir"])
+    start = _checkpoint_to_resume(config["run_dir"], spec)
     if start is not None:
         with start.as_directory() as d:
             meta = ckpt.restore(Path(d), engine, rank)
@@ -146,10 +146,10 @@ def _agree(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _checkpoint_to_resume(run_dir: str) -> ray.train.Checkpoint | None:
+def _checkpoint_to_resume(run_dir: str, spec: JobSpec) -> ray.train.Checkpoint | None:
     """The newest complete checkpoint of this run, whether Ray restarted the workers after a
     failure or `shipyard resume` started the run again; incomplete ones are passed over."""
-    fs, path = filesystem(run_dir)
+    fs, path = filesystem(run_dir, spec.storage)
     found = ckpt.latest_complete(fs, path)
     return ray.train.Checkpoint(found, filesystem=fs) if found else None
 
