@@ -36,8 +36,8 @@ class Family:
         evaluate: `evaluate(model, batch) -> metrics` on one validation batch, called under
             `torch.no_grad()` with the model in eval mode; averaged over batches and workers.
         shard_units: `shard_units(model) -> list[nn.Module]`, the blocks FSDP wraps one by one.
-        curriculum_state: `curriculum_state(step, total_steps) -> dict` of JSON values describing
-            step-driven schedules, recorded in checkpoints; None when the family has none.
+        curriculum_state: `curriculum_state(cfg, step, total_steps) -> dict` of JSON values
+            describing step-driven schedules, recorded in checkpoints; None when there are none.
         exports: formats `shipyard export` can write besides plain safetensors, as
             `{name: export(model, cfg, out_dir)}` (e.g. `"hf"` for a Hugging Face directory).
         plots: `plots(metrics, out_dir) -> [png paths]` drawn from the final metrics (e.g. a
@@ -52,6 +52,6 @@ class Family:
     loss: Callable[[nn.Module, Batch, int, int], tuple[torch.Tensor, Metrics]]
     evaluate: Callable[[nn.Module, Batch], Metrics]
     shard_units: Callable[[nn.Module], list[nn.Module]]
-    curriculum_state: Callable[[int, int], dict] | None = None
+    curriculum_state: Callable[[Any, int, int], dict] | None = None
     exports: dict[str, Callable[[nn.Module, Any, Path], None]] = field(default_factory=dict)
     plots: Callable[[dict[str, float], Path], list[Path]] | None = None

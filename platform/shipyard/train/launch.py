@@ -7,6 +7,7 @@ to stop after the current step with a checkpoint; a second one aborts at once.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -88,7 +89,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         channel, lambda text: progress.note(text),
         train_loop,
         train_loop_config={"spec": spec.to_dict(secrets=True), "channel": channel, "run_dir": run_dir,
-                           "stop_at": stop_at, "cache_dir": str(home() / "data")},
+                           "stop_at": stop_at, "cache_dir": str(home() / "data"),
+                           "cwd": os.getcwd()},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker},

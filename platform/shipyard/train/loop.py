@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def train_loop(config: dict) -> None:
     # Ray Train logs every checkpoint twice per worker at INFO; the driver's progress says it once.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     channel = config["channel"]
+    if os.path.isdir(config["cwd"]):  # relative paths in the spec mean the same as on the driver
+        os.chdir(config["cwd"])
     stop_at: int | None = config.get("stop_at")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -157,7 +160,7 @@ def _checkpoint_to_resume(run_dir: str, spec: JobSpec) -> ray.train.Checkpoint |
 def _save(engine: Engine, spec: JobSpec, step: int, batches: int, rank: int, world: int, family) -> None:
     meta = ckpt.Meta(step=step, batches=batches, family=spec.family, strategy=spec.sharding.strategy,
                      world_size=world, spec=spec.to_dict(),
-                     curriculum=family.curriculum_state(step, spec.train.steps) if family.curriculum_state else None)
+                     curriculum=family.curriculum_state(spec.model, step, spec.train.steps) if family.curriculum_state else None)
     with tempfile.TemporaryDirectory(prefix="shipyard-ckpt-") as tmp:
         ckpt.write(Path(tmp), engine, meta, rank)
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
