@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, ray, mlflow, deepspeed; print('torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
 	touch $(STAMP)
 
+# The flagship: LayerSkip pretraining on 2 Ray workers, then its per-layer exit table and a
+# self-speculative vs autoregressive comparison; ends with where the MLflow run and checkpoint are.
 demo: setup
-	$(BIN)/shipyard run jobs/minrnn/stdlib-code.yaml
+	$(BIN)/shipyard run jobs/layerskip/stdlib-code.yaml --report
 
 check: setup
 	$(BIN)/shipyard check 'jobs/**/*.yaml'

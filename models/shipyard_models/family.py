@@ -42,6 +42,8 @@ class Family:
             `{name: export(model, cfg, out_dir)}` (e.g. `"hf"` for a Hugging Face directory).
         plots: `plots(metrics, out_dir) -> [png paths]` drawn from the final metrics (e.g. a
             per-layer chart); the platform logs them as MLflow artifacts. None when there are none.
+        report: `report(model, cfg, data_cfg, cache_dir) -> str`, a short human-readable look at
+            a trained model (what `shipyard report` and `make demo` print). None: metrics only.
     """
 
     name: str
@@ -55,3 +57,4 @@ class Family:
     curriculum_state: Callable[[Any, int, int], dict] | None = None
     exports: dict[str, Callable[[nn.Module, Any, Path], None]] = field(default_factory=dict)
     plots: Callable[[dict[str, float], Path], list[Path]] | None = None
+    report: Callable[[nn.Module, Any, Any, Path], str] | None = None

@@ -1,10 +1,11 @@
-"""`shipyard` command line: run | resume | runs | check | export.
+"""`shipyard` command line: run | resume | runs | check | export | report.
 
     shipyard check jobs/**/*.yaml              validate specs without running anything
     shipyard run JOB [key.sub=value ...]       train on an embedded Ray cluster (or --address)
     shipyard runs                              list runs recorded in MLflow
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
     shipyard export RUN_OR_CHECKPOINT DIR      write the model (--format safetensors | a family's own)
+    shipyard report RUN_OR_CHECKPOINT          a short look at a trained model
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="stop cleanly with a checkpoint at this step; `shipyard resume` continues")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else embedded sqlite)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--report", action="store_true", help="after the run, print `shipyard report` of it")
         p.set_defaults(func=cmd_run if name == "run" else cmd_resume)
 
     p = sub.add_parser("export", help="write a checkpoint's model in a format other tools read")
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="safetensors", help="safetensors (any family) or a family's own, e.g. hf")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="a short look at a trained model (what make demo prints)")
+    p.add_argument("target", help="checkpoint directory, run directory, or MLflow run (id, prefix, name)")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("runs", help="list runs from MLflow")
     p.add_argument("--tracking-uri")
@@ -112,6 +119,9 @@ def cmd_resume(args) -> int:
 def _run(spec, args, resume) -> int:
     from shipyard.train.launch import run_job
     result = run_job(spec, address=args.address, resume=resume, stop_at=args.stop_at, quiet=args.quiet)
+    if args.report and result.checkpoint and result.error is None:
+        args.target = result.checkpoint
+        cmd_report(args)
     table = Table(title=f"run {result.run_name}: {result.status}", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -159,6 +169,22 @@ def cmd_export(args) -> int:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     out.print(f"exported {source} as {args.format} to {args.out}: {', '.join(files)}", highlight=False)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from shipyard.cluster import home
+    from shipyard.export import load_model, local_checkpoint, resolve_checkpoint
+    from shipyard.registry import MODELS
+    source, storage = resolve_checkpoint(args.target, getattr(args, "tracking_uri", None))
+    with local_checkpoint(source, storage) as directory:
+        model, spec, meta = load_model(directory)
+    family = MODELS[spec.family]
+    out.print(f"{spec.name} ({spec.family}) at step {meta.step}: {source}", highlight=False)
+    if family.report is None:
+        out.print(f"family {spec.family} has no report; see `shipyard runs` for its metrics")
+        return 0
+    out.print(family.report(model, spec.model, spec.data, home() / "data"), highlight=False)
     return 0
 
 

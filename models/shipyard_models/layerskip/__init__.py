@@ -24,7 +24,7 @@ from torch import nn
 from ..data.stdlib_code import ByteWindows, load_splits
 from ..family import Family
 from ..minrnn import DataConfig
-from . import plots, recipe
+from . import plots, recipe, report
 from .hf import check_architecture, export_hf, load_hf
 from .model import Block, Config, KVCache, LayerSkipLM
 from .speculative import GenerationStats, generate, self_speculative_generate
@@ -83,4 +83,5 @@ FAMILY = Family(
     curriculum_state=recipe.curriculum_state,
     exports={"hf": export_hf},
     plots=plots.exit_plots,
+    report=report.report,
 )

@@ -8,10 +8,13 @@ checkpoint leave no duplicates.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # before mlflow reads it
 
 import mlflow
 import yaml
