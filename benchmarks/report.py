@@ -12,6 +12,9 @@ HERE = Path(__file__).resolve().parent
 NOTES = {
     "minrnn_scan": "minGRU/minLSTM training step (forward+backward): parallel scan vs sequential loop, "
                    "torch.nn.GRU/LSTM and the minGRU-pytorch re-implementation (`python benchmarks/minrnn_scan.py`).",
+    "layerskip_speedup": "Greedy batch-1 decoding: self-speculative vs autoregressive and Hugging Face's "
+                         "assistant_early_exit on the same weights, LayerSkip-trained model and a plainly trained "
+                         "twin as control (`python benchmarks/layerskip_speedup.py`).",
     "platform_overhead": "Throughput through `shipyard run`'s loop vs a bare PyTorch loop, and 2 workers vs 1 "
                          "(`python benchmarks/platform_overhead.py`).",
 }
@@ -21,6 +24,8 @@ HEADLINES = {
     "minrnn_scan": ["speedup_vs_gru_T512", "speedup_vs_lstm_T512", "speedup_vs_loop_T2048",
                     "speedup_vs_reference_T512", "mem_ratio_vs_gru_T512"],
     "platform_overhead": ["overhead_ratio", "scaling_efficiency_2w"],
+    "layerskip_speedup": ["speedup_vs_autoregressive", "speedup_vs_hf_early_exit", "greedy_identical",
+                          "acceptance_rate", "control_speedup_vs_autoregressive"],
 }
 
 
