@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data.stdlib_code import ByteWindows, load_splits
 from ..family import Family
-from ..minrnn import DataConfig
+from ..minrnn import DataConfig, decode, encode  # the same byte corpus and tokens
 from . import plots, recipe, report
 from .hf import check_architecture, export_hf, load_hf
 from .model import Block, Config, KVCache, LayerSkipLM
@@ -59,16 +59,6 @@ def datasets(cfg: Config, data_cfg: DataConfig, cache_dir: Path):
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
     return list(model.layers)
-
-
-def encode(text: str) -> torch.Tensor:
-    """Byte tokens of a text, int64 [T]."""
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
-
-
-def decode(tokens: torch.Tensor) -> str:
-    """Text of byte tokens (invalid UTF-8 becomes U+FFFD)."""
-    return bytes(tokens.tolist()).decode("utf-8", errors="replace")
 
 
 FAMILY = Family(
