@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.stdlib_code import ByteWindows, load_splits
 from ..family import Family
-from ..minrnn import DataConfig, decode, encode  # the same byte corpus and tokens
+from ..minrnn import DataConfig, decode, encode
+from ..minrnn import datasets as minrnn_datasets  # the same byte corpus and tokens
 from . import plots, recipe, report
 from .hf import check_architecture, export_hf, load_hf
 from .model import Block, Config, KVCache, LayerSkipLM
@@ -52,9 +52,7 @@ def build(cfg: Config) -> nn.Module:
 def datasets(cfg: Config, data_cfg: DataConfig, cache_dir: Path):
     if cfg.vocab_size < 256:
         raise ValueError(f"vocab_size must be >= 256 for the byte corpus, got {cfg.vocab_size}")
-    train, val = load_splits(Path(cache_dir), data_cfg.max_bytes, data_cfg.val_every,
-                             data_cfg.include_tests, data_cfg.root)
-    return ByteWindows(train, data_cfg.seq_len), ByteWindows(val, data_cfg.seq_len)
+    return minrnn_datasets(cfg, data_cfg, cache_dir)  # the same byte windows of the stdlib
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
