@@ -47,6 +47,11 @@ class TrainSpec:
     log_every: int = 10
     """Report metrics to the driver (progress bar, MLflow) every N steps."""
     seed: int = 0
+    nonfinite: Literal["fail", "skip"] = "fail"
+    """A NaN/inf loss: `fail` stops the run with an error naming the step (the last complete
+    checkpoint stays usable); `skip` drops that step's update on every worker and goes on."""
+    max_skipped_steps: int = 10
+    """With `nonfinite: skip`: fail anyway after this many non-finite steps in a row (divergence)."""
 
 
 @dataclass
@@ -78,6 +83,9 @@ class TrackingSpec:
     experiment: str = "shipyard"
     uri: str | None = None
     """MLflow tracking URI; default: sqlite at `.shipyard/mlflow.db`."""
+    required: bool = False
+    """False: if the tracking server goes away mid-run, training goes on; metrics are buffered,
+    retried, and a warning is printed. True: stop the run instead."""
 
 
 @dataclass
@@ -100,7 +108,11 @@ SECRETS = {("storage", "access_key_id"), ("storage", "secret_access_key")}
 @dataclass
 class CheckpointSpec:
     keep: int = 0
-    """Keep only the N newest checkpoints; 0 keeps all."""
+    """Keep only the N newest complete checkpoints (plus the best by `best_metric`); 0 keeps all."""
+    best_metric: str | None = None
+    """Also keep the checkpoint with the best value of this metric (e.g. `val/loss`), measured at
+    or before the checkpoint's step."""
+    best_mode: Literal["min", "max"] = "min"
 
 
 @dataclass
@@ -245,6 +257,11 @@ def _check_consistency(spec: JobSpec) -> None:
         errs.append(f"scaling.cpus_per_worker: {s.cpus_per_worker} must be positive")
     if spec.checkpoint.keep < 0:
         errs.append(f"checkpoint.keep: {spec.checkpoint.keep} must be 0 (keep all) or more")
+    if spec.checkpoint.best_metric is not None and not re.fullmatch(r"(train|val)/\S+", spec.checkpoint.best_metric):
+        errs.append(f"checkpoint.best_metric: {spec.checkpoint.best_metric!r} is not a metric name; "
+                    "use train/<name> or val/<name>, e.g. val/loss")
+    if t.max_skipped_steps < 1:
+        errs.append(f"train.max_skipped_steps: {t.max_skipped_steps} must be at least 1")
     if spec.failure.max_failures < -1:
         errs.append(f"failure.max_failures: {spec.failure.max_failures} must be -1 (unlimited) or more")
     if spec.sharding.strategy != "deepspeed" and (spec.sharding.deepspeed or spec.sharding.offload):

@@ -51,6 +51,8 @@ class Meta:
     world_size: int
     spec: dict
     curriculum: dict | None = None
+    metrics: dict | None = None
+    """The latest train-window and validation metrics at this step (for `checkpoint.best_metric`)."""
     format_version: int = FORMAT_VERSION
     created: float = 0.0
 
@@ -106,6 +108,40 @@ def latest_complete(fs: pafs.FileSystem, run_dir: str) -> str | None:
         if read_manifest(fs, path) is not None:
             return path
     return None
+
+
+def prune(fs: pafs.FileSystem, run_dir: str, keep: int, best_metric: str | None = None,
+          best_mode: str = "min") -> list[str]:
+    """Retention (`checkpoint.keep`): delete all but the `keep` newest complete checkpoints and,
+    with `best_metric`, the complete one with the best value of it; also delete incomplete
+    leftovers older than the newest complete checkpoint (an upload that stopped half-way).
+    Called by rank 0 after its checkpoint is on storage. Returns the deleted paths."""
+    infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
+                   and os.path.basename(i.path).startswith(PREFIX))
+    complete = [p for p in paths if read_manifest(fs, p) is not None]
+    if not complete:
+        return []
+    keep_set = set(complete[-keep:]) if keep > 0 else set(complete)
+    if best_metric:
+        scored = [(v, p) for p in complete if (v := _metric(fs, p, best_metric)) is not None]
+        if scored:
+            pick = min if best_mode == "min" else max
+            keep_set.add(pick(scored, key=lambda vp: vp[0])[1])
+    newest = complete[-1]
+    doomed = [p for p in paths if p not in keep_set and p < newest]
+    for p in doomed:
+        fs.delete_dir(p)
+    return doomed
+
+
+def _metric(fs: pafs.FileSystem, path: str, name: str) -> float | None:
+    try:
+        with fs.open_input_stream(f"{path}/{META}") as f:
+            value = (json.loads(f.read()).get("metrics") or {}).get(name)
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def read_meta(directory: Path) -> Meta:

@@ -7,6 +7,7 @@ to stop after the current step with a checkpoint; a second one aborts at once.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -98,10 +99,12 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep or None)),
+            # Retention is ours (checkpoint.prune: N newest + the best, only complete ones count).
+            checkpoint_config=CheckpointConfig(num_to_keep=None)),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
     )
     last: dict = {}
+    workers: dict[int, str] = {}  # rank -> Ray node id (of the latest worker group)
     done = threading.Event()
 
     def follow():
@@ -112,8 +115,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
             for r in records:
                 if on_record:
                     on_record(r)
-                if "event" in r:
+                if r.get("event") == "resumed":
                     progress.note(f"resumed from step {r['step']} ({r['checkpoint']})")
+                if r.get("event") == "skipped":
+                    progress.note(f"step {r['step']}: the loss is not finite; update skipped "
+                                  "(train.nonfinite: skip)")
+                if r.get("event") == "worker":
+                    workers[r["rank"]] = r["node_id"]
+                    if len(workers) == spec.scaling.num_workers:
+                        tracker.set_tag("workers", json.dumps(workers, sort_keys=True))
+                if "event" in r:
                     continue
                 last.update(r)
                 progress.update(r)

@@ -38,6 +38,7 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self, lr: float) -> float: ...
+    def skip(self, loss: torch.Tensor) -> None: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -80,6 +81,12 @@ class _TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def skip(self, loss: torch.Tensor) -> None:
+        """Drop a step with a non-finite loss. The backward still runs (DDP's and FSDP's hooks
+        expect one after every forward), then its gradients are thrown away."""
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
@@ -230,6 +237,11 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def skip(self, loss: torch.Tensor) -> None:
+        """Drop a step with a non-finite loss: no backward, so no NaN reaches ZeRO's gradient
+        buffers; a forward without a backward is fine for stages 1-3 (tests/integration/test_nonfinite.py)."""
+        del loss
 
     def step(self, lr: float) -> float:
         for group in self.engine.optimizer.param_groups:
