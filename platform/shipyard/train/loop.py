@@ -8,6 +8,7 @@ called by all ranks only when a checkpoint is written, since it is a barrier.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -122,9 +123,10 @@ class NonFiniteLoss(FloatingPointError):
 def train_step(engine: Engine, family, batch: dict, step: int, total: int,
                train) -> tuple[dict[str, torch.Tensor], float] | None:
     """One optimizer step (`step` counts completed steps). Returns the step's metrics and the
-    gradient norm, or None when the loss was non-finite on any worker and `train.nonfinite` is
-    `skip`: then no worker updates anything (parameters and optimizer state stay as they were).
-    With `fail` it raises `NonFiniteLoss` naming the step (1-based, as logged)."""
+    gradient norm, or None when the loss (on any worker) or the global gradient norm was NaN/inf
+    and `train.nonfinite` is `skip`: then no worker updates anything (parameters and optimizer
+    state stay as they were). With `fail` it raises `NonFiniteLoss` naming the step (1-based,
+    as logged); nothing of that step was applied, so the last checkpoint holds finite weights."""
     loss, metrics = family.loss(engine.model, batch, step, total)
     if not _finite_on_every_worker(loss):
         if train.nonfinite == "fail":
@@ -136,7 +138,14 @@ def train_step(engine: Engine, family, batch: dict, step: int, total: int,
         engine.skip(loss)
         return None
     engine.backward(loss)
-    return metrics, engine.step(lr_at(step, train))
+    grad_norm = engine.step(lr_at(step, train))  # every engine drops the update on a NaN/inf norm
+    if not math.isfinite(grad_norm):
+        if train.nonfinite == "fail":
+            raise NonFiniteLoss(
+                f"the gradient norm is {grad_norm} at step {step + 1} (the loss was finite); the run "
+                f"diverged. Lower train.lr, keep train.grad_clip on, or set train.nonfinite: skip.")
+        return None
+    return metrics, grad_norm
 
 
 def _finite_on_every_worker(loss: torch.Tensor) -> bool:

@@ -95,7 +95,9 @@ class _TorchEngine:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if torch.isfinite(norm):  # the norm is global, so every rank decides alike
+            self.optimizer.step()
+        # else: like DeepSpeed's ZeRO optimizers, drop the update (the caller sees the norm)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -244,6 +246,8 @@ class DeepSpeedEngine:
         del loss
 
     def step(self, lr: float) -> float:
+        """DeepSpeed's ZeRO optimizers skip the update themselves when the gradient norm is
+        NaN/inf and then report an infinite norm."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
