@@ -7,11 +7,6 @@ environment variables, `AWS_ENDPOINT_URL` included.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,38 +19,12 @@ from shipyard.train.launch import run_job
 from shipyard.train.storage import filesystem
 from shipyard.train.tracking import client
 
+from s3_server import SECRET
+
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "minrnn" / "stdlib-code.yaml"
-SECRET = "s3cr3t-never-logged"
 TINY = ["model.dim=32", "model.depth=1", "data.seq_len=32", "data.max_bytes=200000", "train.steps=6",
         "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
         "train.checkpoint_every=2", "tracking.experiment=s3"]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.3)
-    import boto3
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="AKIATEST",
-                 aws_secret_access_key=SECRET).create_bucket(Bucket="shipyard")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def spec_for(endpoint: str, *extra: str):
