@@ -1,4 +1,4 @@
-"""`shipyard` command line: run | resume | runs | check | export | report.
+"""`shipyard` command line: run | resume | runs | check | export | report | submit | status | logs | stop.
 
     shipyard check jobs/**/*.yaml              validate specs without running anything
     shipyard run JOB [key.sub=value ...]       train on an embedded Ray cluster (or --address)
@@ -6,6 +6,9 @@
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
     shipyard export RUN_OR_CHECKPOINT DIR      write the model (--format safetensors | a family's own)
     shipyard report RUN_OR_CHECKPOINT          a short look at a trained model
+    shipyard submit JOB --address http://HEAD:8265 [key.sub=value ...]
+                                               run it on a Ray cluster through the Jobs API
+    shipyard status [ID] | logs ID [-f] | stop ID   follow submitted jobs (--address or RAY_ADDRESS)
 """
 from __future__ import annotations
 
@@ -42,7 +45,34 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else embedded sqlite)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         p.add_argument("--report", action="store_true", help="after the run, print `shipyard report` of it")
+        if name == "run":
+            p.add_argument("--run-name", help="name of the run (default: JOB-NAME-DATE-TIME-XXXX); "
+                                              "`shipyard submit` sets it to the submission id")
         p.set_defaults(func=cmd_run if name == "run" else cmd_resume)
+
+    p = sub.add_parser("submit", help="run a job spec on a Ray cluster through the Ray Jobs API")
+    p.add_argument("target", help="job spec file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI the cluster can reach")
+    p.add_argument("-f", "--follow", action="store_true", help="print the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="status of a submitted job, or of all of them")
+    p.add_argument("job_id", nargs="?", help="submission id (default: list all)")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="logs of a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--address")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stop", help="stop a submitted job (its last complete checkpoint stays usable)")
+    p.add_argument("job_id")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("export", help="write a checkpoint's model in a format other tools read")
     p.add_argument("target", help="checkpoint directory, run directory, or MLflow run (id, prefix, name)")
@@ -72,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LookupError as e:
         console.print(f"[red]error:[/red] {e.args[0]}", highlight=False)
+        return 2
+    except RuntimeError as e:
+        from shipyard.submit import SubmitError
+        if not isinstance(e, SubmitError):
+            raise
+        console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
 
 
@@ -118,7 +154,8 @@ def cmd_resume(args) -> int:
 
 def _run(spec, args, resume) -> int:
     from shipyard.train.launch import run_job
-    result = run_job(spec, address=args.address, resume=resume, stop_at=args.stop_at, quiet=args.quiet)
+    result = run_job(spec, address=args.address, resume=resume, stop_at=args.stop_at, quiet=args.quiet,
+                     run_name=getattr(args, "run_name", None))
     if args.report and result.checkpoint and result.error is None:
         args.target = result.checkpoint
         cmd_report(args)
@@ -140,6 +177,71 @@ def _run(spec, args, resume) -> int:
         console.print(f"[red]the run failed:[/red] {result.error}", highlight=False)
         return 1
     return 0
+
+
+def cmd_submit(args) -> int:
+    from shipyard.spec import load_job
+    from shipyard.submit import submit
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    spec = load_job(args.target, overrides)
+    job_id = submit(spec, args.address)
+    out.print(f"submitted {job_id}\n  follow it: shipyard logs {job_id} -f\n  status:    shipyard status "
+              f"{job_id}\n  stop it:   shipyard stop {job_id}", highlight=False)
+    if args.follow:
+        return _follow(args.address, job_id)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from shipyard.submit import job_client
+    client = job_client(args.address)
+    jobs = [client.get_job_info(args.job_id)] if args.job_id else client.list_jobs()
+    table = Table(show_header=True, header_style="bold")
+    for col in ("submission id", "status", "started", "message"):
+        table.add_column(col, overflow="fold")
+    for j in sorted(jobs, key=lambda j: j.start_time or 0):
+        started = time.strftime("%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else ""
+        table.add_row(j.submission_id or j.job_id or "?", str(j.status.value if hasattr(j.status, "value") else j.status),
+                      started, (j.message or "")[:200])
+    out.print(table)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from shipyard.submit import job_client
+    if args.follow:
+        return _follow(args.address, args.job_id)
+    sys.stdout.write(job_client(args.address).get_job_logs(args.job_id))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from shipyard.submit import job_client
+    stopped = job_client(args.address).stop_job(args.job_id)
+    out.print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}; the run keeps its last "
+              f"complete checkpoint (`shipyard resume {args.job_id}` continues it)", highlight=False)
+    return 0
+
+
+def _follow(address, job_id: str) -> int:
+    """Print a job's logs as they come; exit 0 if it succeeded, 1 otherwise."""
+    import asyncio
+    from shipyard.submit import job_client
+    client = job_client(address)
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    info = client.get_job_info(job_id)
+    status = str(info.status.value if hasattr(info.status, "value") else info.status)
+    out.print(f"{job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""),
+              highlight=False)
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def find_run(mlflow, target: str):

@@ -27,7 +27,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {"PYTHONPATH": _code_paths()}}
+    # Inside a job submitted through the Jobs API the job's runtime env already carries the code
+    # to every node (`shipyard submit`: py_modules); a local PYTHONPATH would only conflict with it.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env = None if in_job else {"env_vars": {"PYTHONPATH": _code_paths()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return

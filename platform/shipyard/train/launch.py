@@ -27,7 +27,7 @@ from shipyard.spec import JobSpec
 from shipyard.train import checkpoint as ckpt
 from shipyard.train.loop import train_loop
 from shipyard.train.storage import filesystem, join, storage_root
-from shipyard.train.tracking import Tracker
+from shipyard.train.tracking import Tracker, TrackingUnavailable
 
 
 @ray.remote(num_cpus=0)
@@ -65,7 +65,7 @@ class RunResult:
 
 def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str] | None = None,
             stop_at: int | None = None, on_record: Callable[[dict], None] | None = None,
-            quiet: bool = False) -> RunResult:
+            quiet: bool = False, run_name: str | None = None) -> RunResult:
     """Run a job to its end (or to `stop_at`); `resume=(mlflow_run_id, run_name)` continues a run.
 
     `on_record` sees every record from the workers: metrics `{"step": s, name: value, ...}` and
@@ -73,7 +73,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     """
     connect(address)
     root = storage_root(spec.storage.path)
-    run_name = resume[1] if resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    if resume:
+        run_name = resume[1]
+    elif run_name is None:
+        run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir = join(root, run_name)
     storage_fs, storage_path = filesystem(root, spec.storage)
     if isinstance(storage_fs, pafs.LocalFileSystem):
@@ -84,8 +87,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
             raise ValueError(f"storage.path: bucket {bucket!r} does not exist (endpoint "
                              f"{spec.storage.endpoint_url or 'from the environment'})")
     tracker = Tracker(spec, run_name, run_dir, run_id=resume[0] if resume else None)
+    # A Ctrl-C (or `shipyard stop`'s SIGINT) while the workers start is kept and honoured as a
+    # graceful stop once they run; `_Trainer` installs the handler used during training.
+    early_stop = threading.Event()
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda signum, frame: early_stop.set())
     channel = Channel.remote()
     progress = _Progress(spec, quiet)
+    if not quiet:  # outage warnings go above the progress bar (quiet runs keep them on stderr)
+        tracker.note = progress.note
     trainer = _Trainer(
         channel, lambda text: progress.note(text),
         train_loop,
@@ -106,6 +117,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     last: dict = {}
     workers: dict[int, str] = {}  # rank -> Ray node id (of the latest worker group)
     done = threading.Event()
+
+    tracking_error: list[BaseException] = []
 
     def follow():
         """Drain progress records into the bar and MLflow until the run ends (then once more)."""
@@ -128,14 +141,22 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
                     continue
                 last.update(r)
                 progress.update(r)
-            tracker.log([r for r in records if "event" not in r])
+            try:
+                tracker.log([r for r in records if "event" not in r])
+            except TrackingUnavailable as e:  # tracking.required and the server is gone
+                if not tracking_error:
+                    tracking_error.append(e)
+                    progress.note(f"{e}; stopping the run after the current step (with a checkpoint)")
+                    channel.request_stop.remote()
             if finished:
                 return
 
     follower = threading.Thread(target=follow, name="shipyard-progress", daemon=True)
     follower.start()
     error: BaseException | None = None
-    previous_sigint = signal.getsignal(signal.SIGINT)
+    if early_stop.is_set():
+        channel.request_stop.remote()
+        trainer.stops = 1  # a further Ctrl-C aborts
     try:
         trainer.fit()
     except KeyboardInterrupt:
@@ -153,6 +174,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_sigint)
 
+    if tracking_error and error is None:
+        error = tracking_error[0]
     try:
         fs, path = filesystem(run_dir, spec.storage)
         latest = ckpt.latest_complete(fs, path)
@@ -209,6 +232,11 @@ class _Progress:
                             disable=quiet)
         self.task = self.bar.add_task(spec.name, total=spec.train.steps, info="starting workers...")
         self.info: dict[str, str] = {}
+        # Not a terminal (a submitted job's log, CI): plain lines every 10 s instead of a live bar.
+        self.plain = not quiet and not self.bar.console.is_terminal
+        self.total, self.printed_at = spec.train.steps, 0.0
+        if self.plain:
+            self.bar.disable = True
         self.bar.start()
 
     def update(self, r: dict) -> None:
@@ -216,8 +244,11 @@ class _Progress:
                                 ("samples_per_s", "samples/s", "{:.1f}")):
             if key in r:
                 self.info[label] = fmt.format(r[key])
-        self.bar.update(self.task, completed=r["step"],
-                        info="  ".join(f"{k} {v}" for k, v in self.info.items()))
+        info = "  ".join(f"{k} {v}" for k, v in self.info.items())
+        self.bar.update(self.task, completed=r["step"], info=info)
+        if self.plain and (time.monotonic() - self.printed_at > 10 or r["step"] == self.total):
+            self.printed_at = time.monotonic()
+            self.bar.console.print(f"step {r['step']}/{self.total}  {info}", highlight=False)
 
     def note(self, text: str) -> None:
         if not self.quiet:
