@@ -1,6 +1,6 @@
 """`shipyard` command line: run | resume | runs | check | export | report | submit | status | logs | stop.
 
-    shipyard check jobs/**/*.yaml              validate specs without running anything
+    shipyard check jobs/**/*.yaml [k.s=v ...]  validate specs (with overrides) without running anything
     shipyard run JOB [key.sub=value ...]       train on an embedded Ray cluster (or --address)
     shipyard runs                              list runs recorded in MLflow
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="validate job specs")
-    p.add_argument("specs", nargs="+", help="job spec files (globs like jobs/**/*.yaml work)")
+    p.add_argument("specs", nargs="+", metavar="SPEC_OR_OVERRIDE",
+                   help="job spec files (globs like jobs/**/*.yaml work), then any key.sub=value overrides")
     p.set_defaults(func=cmd_check)
 
     for name, helptext in (("run", "run a job spec"), ("resume", "continue a run")):
@@ -113,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_check(args) -> int:
     from shipyard.spec import SpecError, load_job
-    paths = sorted({p for pattern in args.specs for p in (glob.glob(pattern, recursive=True) or [pattern])})
+    import os
+    overrides = [a for a in args.specs if "=" in a and not os.path.exists(a)]
+    patterns = [a for a in args.specs if a not in overrides]
+    paths = sorted({p for pattern in patterns for p in (glob.glob(pattern, recursive=True) or [pattern])})
     bad = 0
     for path in paths:
         try:
-            spec = load_job(path)
+            spec = load_job(path, overrides)
             out.print(f"[green]ok[/green]   {path}  ({spec.family}, {spec.sharding.strategy}, "
                       f"{spec.scaling.num_workers} workers)", highlight=False)
         except SpecError as e:
