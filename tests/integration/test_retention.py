@@ -67,20 +67,12 @@ def test_prune_without_metric_and_ignoring_unscored(tmp_path):
     assert names(fs, run_dir) == [65, 70]
 
 
-def test_prune_in_s3(s3, aws_env_for_prune):
+def test_prune_in_s3(aws_env):
     fs, root = filesystem("s3://shipyard/prune-test")
     layout(fs, root)
     ckpt.prune(fs, root, keep=1, best_metric="val/loss", best_mode="min")
     assert names(fs, root) == [20, 60, 70]
     assert ckpt.latest_complete(fs, root).endswith(ckpt.dir_name(60))
-
-
-@pytest.fixture
-def aws_env_for_prune(s3, monkeypatch):
-    from s3_server import SECRET
-    for k, v in {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": SECRET,
-                 "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from shipyard.train.launch import run_job
 from shipyard.train.storage import filesystem
 from shipyard.train.tracking import client
 
-from s3_server import SECRET
+from s3_server import SECRET, start_moto
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "minrnn" / "stdlib-code.yaml"
 TINY = ["model.dim=32", "model.depth=1", "data.seq_len=32", "data.max_bytes=200000", "train.steps=6",
@@ -31,13 +31,6 @@ def spec_for(endpoint: str, *extra: str):
     return load_job(JOB, [*TINY, "storage.path=s3://shipyard/runs", f"storage.endpoint_url={endpoint}",
                           "storage.region=us-east-1", "storage.access_key_id=AKIATEST",
                           f"storage.secret_access_key={SECRET}", *extra])
-
-
-@pytest.fixture
-def aws_env(s3, monkeypatch):
-    for k, v in {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": SECRET,
-                 "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
 
 
 @pytest.mark.slow
@@ -76,20 +69,7 @@ def test_save_list_resume_and_export_through_s3(ray_cluster, s3, aws_env, tmp_pa
 @pytest.mark.slow
 def test_storage_going_away_mid_run_fails_clearly_and_keeps_complete_checkpoints(ray_cluster, tmp_path):
     """Kill the S3 server after the first checkpoint: the next upload fails, the run reports it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-    for _ in range(100):
-        try:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="AKIATEST",
-                         aws_secret_access_key=SECRET).create_bucket(Bucket="shipyard")
-            break
-        except Exception:
-            time.sleep(0.3)
+    proc, endpoint = start_moto()
     spec = spec_for(endpoint, "train.steps=400", "train.checkpoint_every=3")
 
     def kill_after_first_checkpoint(record):

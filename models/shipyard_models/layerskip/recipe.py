@@ -68,7 +68,10 @@ def drop_probs(cfg: Config, step: int, total_steps: int) -> list[float]:
 
 
 def exit_scale(layer: int, n_layers: int, e_scale: float) -> float:
-    """The paper's unnormalised e(l)."""
+    """The paper's unnormalised e(l): e_scale * sum_{i=0..l} i below the last layer and
+    (L - 1) + e_scale * sum_{i=0..L-2} i for the last, so layer 0's exit weighs 0 and the
+    weights grow roughly quadratically. (torchtune's `sum_l_loss_scale` counts from 1 over the
+    enabled layers instead, which also trains the first exit; we keep the paper's form.)"""
     if layer < n_layers - 1:
         return e_scale * layer * (layer + 1) / 2
     return (n_layers - 1) + e_scale * (n_layers - 2) * (n_layers - 1) / 2
