@@ -6,6 +6,7 @@
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
     shipyard export RUN_OR_CHECKPOINT DIR      write the model (--format safetensors | a family's own)
     shipyard report RUN_OR_CHECKPOINT          a short look at a trained model
+    shipyard sweep jobs/sweeps/X.yaml          a Ray Tune sweep over a job (ASHA), one MLflow parent run
     shipyard submit JOB --address http://HEAD:8265 [key.sub=value ...]
                                                run it on a Ray cluster through the Jobs API
     shipyard status [ID] | logs ID [-f] | stop ID   follow submitted jobs (--address or RAY_ADDRESS)
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--run-name", help="name of the run (default: JOB-NAME-DATE-TIME-XXXX); "
                                               "`shipyard submit` sets it to the submission id")
         p.set_defaults(func=cmd_run if name == "run" else cmd_resume)
+
+    p = sub.add_parser("sweep", help="a hyperparameter sweep (Ray Tune) over a job: jobs/sweeps/*.yaml")
+    p.add_argument("target", help="sweep spec file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, applied to the sweep's job")
+    p.add_argument("--address", help="an existing Ray cluster (default: embedded local cluster)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no live table")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("submit", help="run a job spec on a Ray cluster through the Ray Jobs API")
     p.add_argument("target", help="job spec file")
@@ -121,6 +129,12 @@ def cmd_check(args) -> int:
     bad = 0
     for path in paths:
         try:
+            if _is_sweep_file(path):
+                from shipyard.tune.spec import load_sweep
+                sweep = load_sweep(path, overrides)
+                out.print(f"[green]ok[/green]   {path}  (sweep of {sweep.job.name}: {len(sweep.tune.space)} fields, "
+                          f"{sweep.tune.num_samples} samples, {sweep.tune.scheduler.type})", highlight=False)
+                continue
             spec = load_job(path, overrides)
             out.print(f"[green]ok[/green]   {path}  ({spec.family}, {spec.sharding.strategy}, "
                       f"{spec.scaling.num_workers} workers)", highlight=False)
@@ -128,6 +142,15 @@ def cmd_check(args) -> int:
             bad += 1
             out.print(f"[red]FAIL[/red] {e}", highlight=False)
     return 1 if bad else 0
+
+
+def _is_sweep_file(path: str) -> bool:
+    import yaml
+    from shipyard.tune.spec import is_sweep
+    try:
+        return is_sweep(yaml.safe_load(open(path)))
+    except (OSError, yaml.YAMLError):
+        return False
 
 
 def cmd_run(args) -> int:
@@ -181,6 +204,34 @@ def _run(spec, args, resume) -> int:
         console.print(f"[red]the run failed:[/red] {result.error}", highlight=False)
         return 1
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from shipyard.tune.spec import load_sweep
+    from shipyard.tune.sweep import run_sweep
+    sweep = load_sweep(args.target, list(args.overrides))
+    result = run_sweep(sweep, address=args.address, quiet=args.quiet)
+    table = Table(title=f"sweep {result.run_name}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("MLflow parent run", result.run_id)
+    table.add_row("tracking", result.tracking_uri)
+    counts = {}
+    for o in result.trials:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    table.add_row("trials", ", ".join(f"{n} {s.lower().replace('_', ' ')}" for s, n in sorted(counts.items())))
+    if result.best:
+        table.add_row(f"best {sweep.tune.metric}", f"{result.best.metric:.4g} ({result.best.trial_id}: "
+                      + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in result.best.params.items()) + ")")
+        table.add_row("best checkpoint", result.best.checkpoint or "none")
+    if result.registered_version:
+        table.add_row("registered model", f"{sweep.job.name} version {result.registered_version}")
+    table.add_row("Tune state", result.experiment_path)
+    out.print(table)
+    for e in result.errors:
+        console.print(f"[red]{e}[/red]", highlight=False)
+    return 0 if result.best else 1
 
 
 def cmd_submit(args) -> int:

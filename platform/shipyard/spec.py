@@ -155,15 +155,20 @@ _BLOCKS = {f.name: f.type for f in dataclasses.fields(JobSpec)[4:]}
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a job spec file, apply `key.sub=value` overrides, validate, return the typed spec."""
+    return load_spec_file(path, "job spec", lambda raw: parse_job(raw, overrides))
+
+
+def load_spec_file(path: str | Path, kind: str, parse):
+    """`parse(raw)` of a YAML file; every error names the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such job spec") from None
+        raise SpecError(f"{path}: no such {kind}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     try:
-        return parse_job(raw, overrides)
+        return parse(raw)
     except SpecError as e:
         raise SpecError(f"{path}:\n{e}") from None
 

@@ -7,8 +7,11 @@ import pytest
 
 from shipyard.cli import main
 from shipyard.spec import load_job
+from shipyard.tune.spec import load_sweep
 
-JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").rglob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[2] / "jobs").rglob("*.yaml"))
+SWEEPS = [p for p in ALL if p.parent.name == "sweeps"]
+JOBS = [p for p in ALL if p not in SWEEPS]
 
 
 def test_there_are_job_specs():
@@ -22,8 +25,15 @@ def test_job_spec_is_valid(path):
     assert first.startswith("# shipyard "), "each job spec starts with the command that runs it"
 
 
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_spec_is_valid(path):
+    sweep = load_sweep(path)
+    assert sweep.tune.space
+    assert path.read_text().splitlines()[0] == f"# shipyard sweep jobs/sweeps/{path.name}"
+
+
 def test_check_command(tmp_path, capsys):
-    assert main(["check", *map(str, JOBS)]) == 0
+    assert main(["check", *map(str, ALL)]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: {family: minrnn}\nsharding: {strategy: zero}\n")
     assert main(["check", str(bad)]) == 1

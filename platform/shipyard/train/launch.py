@@ -65,11 +65,14 @@ class RunResult:
 
 def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str] | None = None,
             stop_at: int | None = None, on_record: Callable[[dict], None] | None = None,
-            quiet: bool = False, run_name: str | None = None) -> RunResult:
+            quiet: bool = False, run_name: str | None = None,
+            tags: dict[str, str] | None = None) -> RunResult:
     """Run a job to its end (or to `stop_at`); `resume=(mlflow_run_id, run_name)` continues a run.
 
+    `tags` are added to a new MLflow run (a sweep's trials carry `mlflow.parentRunId`).
     `on_record` sees every record from the workers: metrics `{"step": s, name: value, ...}` and
-    events `{"event": "resumed", "step": s, "checkpoint": path}`.
+    events (`"run"` with the MLflow run id and run directory, first; `"worker"` per worker;
+    `"resumed"`, `"skipped"`).
     """
     connect(address)
     root = storage_root(spec.storage.path)
@@ -86,7 +89,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         if storage_fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise ValueError(f"storage.path: bucket {bucket!r} does not exist (endpoint "
                              f"{spec.storage.endpoint_url or 'from the environment'})")
-    tracker = Tracker(spec, run_name, run_dir, run_id=resume[0] if resume else None)
+    tracker = Tracker(spec, run_name, run_dir, run_id=resume[0] if resume else None, tags=tags)
+    if on_record:
+        on_record({"event": "run", "run_id": tracker.run_id, "run_name": run_name, "run_dir": run_dir})
     # A Ctrl-C (or `shipyard stop`'s SIGINT) while the workers start is kept and honoured as a
     # graceful stop once they run; `_Trainer` installs the handler used during training.
     early_stop = threading.Event()
@@ -116,6 +121,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     )
     last: dict = {}
     workers: dict[int, str] = {}  # rank -> Ray node id (of the latest worker group)
+    groups: set[str] = set()  # placement groups the worker groups ran in
     done = threading.Event()
 
     tracking_error: list[BaseException] = []
@@ -135,6 +141,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
                                   "(train.nonfinite: skip)")
                 if r.get("event") == "worker":
                     workers[r["rank"]] = r["node_id"]
+                    if r.get("placement_group"):
+                        groups.add(r["placement_group"])
                     if len(workers) == spec.scaling.num_workers:
                         tracker.set_tag("workers", json.dumps(workers, sort_keys=True))
                 if "event" in r:
@@ -174,6 +182,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_sigint)
 
+    _release_placement_groups(groups)
     if tracking_error and error is None:
         error = tracking_error[0]
     try:
@@ -192,6 +201,32 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     ray.kill(channel)
     return RunResult(run_id=tracker.run_id, run_name=run_name, status=status, checkpoint=latest,
                      metrics=last, tracking_uri=tracker.client.tracking_uri, error=error)
+
+
+def _release_placement_groups(groups: set[str], wait_s: float = 20.0) -> None:
+    """Make sure the run's worker placement groups are gone before returning.
+
+    `fit()` can return before Train V2's controller has removed its workers' placement group; if
+    the caller's process then ends (a Tune trial actor does, right after its function returns)
+    the group outlives its run, and Train's detached `PlacementGroupCleaner` cannot remove it
+    here (its state-API calls time out; see ray#54305), so later trials wait forever for CPUs.
+    Wait briefly for the controller, then remove what is left."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray._raylet import PlacementGroupID
+    deadline = time.monotonic() + wait_s
+    for hex_id in groups:
+        group = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+        while True:
+            state = placement_group_table(group).get("state")
+            if state in (None, "REMOVED"):
+                break
+            if time.monotonic() > deadline:
+                try:
+                    remove_placement_group(group)
+                except Exception:  # removed meanwhile
+                    pass
+                break
+            time.sleep(0.5)
 
 
 class _Trainer(TorchTrainer):

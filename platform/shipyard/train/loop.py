@@ -43,8 +43,10 @@ def train_loop(config: dict) -> None:
     family = MODELS[spec.family]
 
     # Where each worker runs (the driver records it; tests kill workers by pid and check placement).
+    group = ray.util.get_current_placement_group()
     channel.push.remote({"event": "worker", "rank": rank, "pid": os.getpid(),
-                         "node_id": ray.get_runtime_context().get_node_id()})
+                         "node_id": ray.get_runtime_context().get_node_id(),
+                         "placement_group": group.id.hex() if group else None})
 
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     model = family.build(spec.model)

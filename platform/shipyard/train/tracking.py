@@ -74,7 +74,8 @@ class Tracker:
     """
 
     def __init__(self, spec: JobSpec, run_name: str, run_dir: str, run_id: str | None = None, *,
-                 note: Callable[[str], None] | None = None, finish_retry_s: float = 30.0):
+                 note: Callable[[str], None] | None = None, finish_retry_s: float = 30.0,
+                 tags: dict[str, str] | None = None):
         self.client = client(spec.tracking.uri)
         self.uri = self.client.tracking_uri
         self.spec = spec
@@ -88,12 +89,13 @@ class Tracker:
         self.outage: str | None = None  # the error that started the current outage
         self.lock = threading.RLock()  # the follower thread logs while the main thread may finish
         try:
-            self._start(spec, run_name, run_dir, run_id)
+            self._start(spec, run_name, run_dir, run_id, tags or {})
         except _Unreachable as e:
             raise TrackingUnavailable(self.uri, f"cannot reach the tracking server {self.uri} to "
                                       f"{'resume' if run_id else 'start'} the run: {_short(e)}") from e.__cause__
 
-    def _start(self, spec: JobSpec, run_name: str, run_dir: str, run_id: str | None) -> None:
+    def _start(self, spec: JobSpec, run_name: str, run_dir: str, run_id: str | None,
+               extra_tags: dict[str, str]) -> None:
         call = self._call
         if run_id is None:
             exp = call(self.client.get_experiment_by_name, spec.tracking.experiment)
@@ -102,7 +104,8 @@ class Tracker:
                 artifact_location=_artifact_root(spec.tracking.uri, spec.tracking.experiment))
             tags = {"mlflow.runName": run_name, TAG + "family": spec.family,
                     TAG + "strategy": spec.sharding.strategy, TAG + "world_size": str(spec.scaling.num_workers),
-                    TAG + "run_dir": run_dir, TAG + "job": spec.name, "mlflow.source.git.commit": _git_commit()}
+                    TAG + "run_dir": run_dir, TAG + "job": spec.name, "mlflow.source.git.commit": _git_commit(),
+                    **extra_tags}
             run = call(self.client.create_run, exp_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             params = [Param(k, _param(v)) for k, v in flatten(spec.to_dict()).items()]
