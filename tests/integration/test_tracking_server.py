@@ -1,14 +1,10 @@
 """A job logs to a real `mlflow server` on 127.0.0.1: one run with params, tags, metrics, artifacts."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_server import MlflowServer
 
 from shipyard.spec import load_job
 from shipyard.train.launch import run_job
@@ -19,35 +15,12 @@ TINY = ["model.dim=32", "model.depth=1", "data.seq_len=32", "data.max_bytes=2000
         "train.batch_size=8", "train.log_every=2", "train.eval_every=2", "train.eval_batches=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server.uri
+    server.kill()
 
 
 @pytest.mark.slow
