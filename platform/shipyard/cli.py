@@ -6,6 +6,8 @@
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
     shipyard export RUN_OR_CHECKPOINT DIR      write the model (--format safetensors | a family's own)
     shipyard report RUN_OR_CHECKPOINT          a short look at a trained model
+    shipyard serve RUN_OR_CHECKPOINT [--port P] [--replicas N | --autoscaling MIN:MAX] [--token T]
+                                               serve it with Ray Serve (--config OUT.yaml: a Serve config file)
     shipyard sweep jobs/sweeps/X.yaml          a Ray Tune sweep over a job (ASHA), one MLflow parent run
     shipyard submit JOB --address http://HEAD:8265 [key.sub=value ...]
                                                run it on a Ray cluster through the Jobs API
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=cmd_run if name == "run" else cmd_resume)
 
     p = sub.add_parser("sweep", help="a hyperparameter sweep (Ray Tune) over a job: jobs/sweeps/*.yaml")
-    p.add_argument("target", help="sweep spec file")
+    p.add_argument("target", nargs="?", help="sweep spec file (not needed with --resume)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, applied to the sweep's job")
+    p.add_argument("--resume", metavar="SWEEP_RUN",
+                   help="continue an interrupted sweep (its run name, printed when it started): finished "
+                        "trials stay, unfinished ones continue from their last checkpoint")
     p.add_argument("--address", help="an existing Ray cluster (default: embedded local cluster)")
     p.add_argument("-q", "--quiet", action="store_true", help="no live table")
     p.set_defaults(func=cmd_sweep)
@@ -94,6 +99,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="checkpoint directory, run directory, or MLflow run (id, prefix, name)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (OpenAI-compatible completions, /docs)")
+    p.add_argument("target", help="checkpoint or run directory (local or s3://), MLflow run (id, prefix, name) "
+                                  "or registered model (NAME, NAME/VERSION, models:/NAME/VERSION)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; in --config files 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000)
+    scaling = p.add_mutually_exclusive_group()
+    scaling.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default 1)")
+    scaling.add_argument("--autoscaling", metavar="MIN:MAX", help="Serve's autoscaler between MIN and MAX replicas")
+    p.add_argument("--token", help="require `Authorization: Bearer TOKEN` on /v1/* (or set SHIPYARD_SERVE_TOKEN)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=65536, help="largest request body (bigger: 413)")
+    p.add_argument("--exit-layer", type=int, help="LayerSkip: default draft layers (default L // 3)")
+    p.add_argument("--num-speculations", type=int, default=4, help="LayerSkip: default drafts per round")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="logical CPUs per replica")
+    p.add_argument("--config", metavar="OUT.yaml", help="write a Serve config file (`serve deploy OUT.yaml`) "
+                                                       "instead of serving")
+    p.add_argument("--address", help="an existing Ray cluster (default: embedded local cluster)")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("runs", help="list runs from MLflow")
     p.add_argument("--tracking-uri")
@@ -209,8 +234,28 @@ def _run(spec, args, resume) -> int:
 def cmd_sweep(args) -> int:
     from shipyard.tune.spec import load_sweep
     from shipyard.tune.sweep import run_sweep
-    sweep = load_sweep(args.target, list(args.overrides))
-    result = run_sweep(sweep, address=args.address, quiet=args.quiet)
+    if not args.target and not args.resume:
+        console.print("[red]shipyard sweep: give a sweep file (jobs/sweeps/*.yaml) or --resume SWEEP_RUN[/red]")
+        return 2
+    if args.resume:
+        from shipyard.tune.sweep import load_state
+        try:
+            saved = load_state(args.resume)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]", highlight=False)
+            return 2
+        target, overrides = args.target or saved["sweep_file"], list(args.overrides) or saved["overrides"]
+    else:
+        target, overrides = args.target, list(args.overrides)
+    sweep = load_sweep(target, overrides)
+    if not args.resume:
+        console.print(f"sweep {sweep.name}: Ctrl-C stops it; `shipyard sweep --resume <run>` continues it",
+                      highlight=False)
+    result = run_sweep(sweep, address=args.address, quiet=args.quiet, resume=args.resume)
+    if result.interrupted:
+        console.print(f"[yellow]sweep {result.run_name} interrupted[/yellow]: finished trials are kept; "
+                      f"`shipyard sweep --resume {result.run_name}` continues the rest", highlight=False)
+        return 130
     table = Table(title=f"sweep {result.run_name}", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -342,6 +387,55 @@ def cmd_report(args) -> int:
         out.print(f"family {spec.family} has no report; see `shipyard runs` for its metrics")
         return 0
     out.print(family.report(model, spec.model, spec.data, home() / "data"), highlight=False)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+    from shipyard.serve import app as serving
+    from shipyard.serve.target import resolve
+    target = resolve(args.target, args.tracking_uri)
+    token = args.token or os.environ.get(serving.TOKEN_ENV)
+    storage = None
+    if target.storage is not None:  # credentials stay in the environment, never in the app's args
+        storage = {k: v for k, v in vars(target.storage).items()
+                   if v is not None and k not in ("access_key_id", "secret_access_key")} or None
+    try:
+        autoscaling = None
+        if args.autoscaling:
+            low, sep, high = args.autoscaling.partition(":")
+            if not sep or not low.isdigit() or not high.isdigit():
+                raise ValueError(f"--autoscaling must be MIN:MAX (e.g. 1:4), got {args.autoscaling!r}")
+            autoscaling = [int(low), int(high)]
+        options = serving.ServeOptions(
+            checkpoint=target.checkpoint, storage=storage, run_id=target.run_id, run_name=target.run_name,
+            registered_model=target.registered_model, max_tokens=args.max_tokens,
+            max_body_bytes=args.max_body_bytes, token_sha256=serving.token_hash(token) if token else None,
+            exit_layer=args.exit_layer, num_speculations=args.num_speculations, replicas=args.replicas,
+            autoscaling=autoscaling, num_cpus=args.num_cpus)
+    except ValueError as e:
+        from rich.markup import escape
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        return 2
+    if args.config:
+        import yaml
+        config = serving.deploy_config(options, host=args.host or "0.0.0.0", port=args.port)
+        with open(args.config, "w") as f:
+            f.write(f"# serve deploy {args.config}   (written by `shipyard serve {args.target} --config`; "
+                    f"no credentials{', the token only as its SHA-256' if token else ''})\n")
+            yaml.safe_dump(config, f, sort_keys=False)
+        out.print(f"wrote {args.config}: {target.checkpoint}", highlight=False)
+        return 0
+    from shipyard.cluster import connect
+    connect(args.address)
+    url = serving.start(options, host=args.host or "127.0.0.1", port=args.port)
+    out.print(f"serving {target.checkpoint}\n  at {url}  (OpenAPI: {url}/docs; models: {url}/v1/models)"
+              f"{'; bearer token required on /v1/*' if token else ''}\n  Ctrl-C stops", highlight=False)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serving.stop()
     return 0
 
 

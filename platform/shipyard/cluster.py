@@ -32,6 +32,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     env = None if in_job else {"env_vars": {"PYTHONPATH": _code_paths()}}
     if address:
+        from urllib.parse import urlsplit
+        host = urlsplit(address if "://" in address else f"ray://{address}").hostname
+        if env is not None and host in ("127.0.0.1", "localhost", "::1"):
+            # A cluster on this machine (e.g. `ray start` here): its workers (a sweep's trials) keep
+            # embedded state where this process does, as `shipyard submit` arranges for jobs.
+            env["env_vars"]["SHIPYARD_HOME"] = str(home())
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     # Logical CPUs beyond the physical ones let a worker group, the driver's helpers and a

@@ -9,6 +9,11 @@ table and the best trial's weights, registered under the job's name.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +82,40 @@ def test_asha_sweep_stops_bad_trials_and_tracks_parent_and_children(ray_cluster,
     assert version.tags["shipyard.trial_run"] == by_lr[3.0e-3].run_id
 
 
+@pytest.mark.slow
+def test_pbt_clones_the_better_trial_from_its_checkpoint(ray_cluster, tmp_path):
+    """Two trials, one with a learning rate that cannot learn: at PBT's decisions (every
+    checkpoint, step 4 and 8) the bad one is in the bottom half and must clone the good one:
+    a new run that starts from the good run's checkpoint (so its first step is past 4), tagged
+    with where it came from, that finishes the job."""
+    path = write_sweep(tmp_path, num_samples=1, max_concurrent=2,
+                       space={"train.lr": {"grid": [3.0e-3, 1.0e-7]}},
+                       scheduler={"type": "pbt", "perturbation_interval": 4, "quantile_fraction": 0.5,
+                                  "resample_probability": 0.0})
+    raw = yaml.safe_load(path.read_text())
+    raw["name"] = "tiny-pbt"
+    raw["overrides"].update({"train.checkpoint_every": 4, "scaling.num_workers": 1, "checkpoint.keep": 0})
+    path.write_text(yaml.safe_dump(raw))
+    result = run_sweep(load_sweep(path), quiet=True)
+    assert not result.errors, result.errors
+
+    mlflow = client()
+    exp = mlflow.get_experiment_by_name("sweeps")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    good = [r for r in runs if float(r.data.params["train.lr"]) == 3.0e-3
+            and "shipyard.cloned_from" not in r.data.tags]
+    clones = [r for r in runs if "shipyard.cloned_from" in r.data.tags]
+    assert len(good) == 1 and clones, [(r.info.run_name, r.data.tags.get("shipyard.cloned_from")) for r in runs]
+    for clone in clones:
+        donor = mlflow.get_run(clone.data.tags["shipyard.cloned_from"])
+        assert donor.data.tags["shipyard.trial"] != clone.data.tags["shipyard.trial"]
+        steps = [m.step for m in mlflow.get_metric_history(clone.info.run_id, "train/loss")]
+        assert steps and min(steps) > 4, steps  # continued from the donor's step-4 or step-8 checkpoint
+        # a list axis moves to a neighbouring value: the clone of lr 3e-3 runs with 1e-7 or 3e-3
+        assert float(clone.data.params["train.lr"]) in (3.0e-3, 1.0e-7)
+    assert all(o.status == "FINISHED" and o.step == 12 for o in result.trials), result.trials
+
+
 def test_bad_sweep_specs_name_the_field(tmp_path):
     cases = {
         "train.lrr": ({"space": {"train.lrr": {"choice": [1.0e-3]}}}, "tune.space.train.lrr"),
@@ -84,11 +123,78 @@ def test_bad_sweep_specs_name_the_field(tmp_path):
         "bounds": ({"space": {"train.lr": {"loguniform": [0.0, 1.0]}}}, "low bound must be positive"),
         "value": ({"space": {"sharding.strategy": {"choice": ["ddp", "zero"]}}}, "'zero' does not make a valid job"),
         "metric": ({"metric": "loss"}, "tune.metric"),
-        "pbt": ({"scheduler": {"type": "pbt"}}, "not implemented yet"),
+        "pbt without checkpoints": ({"scheduler": {"type": "pbt"}}, "set train.checkpoint_every"),
+        "pbt interval": ({"scheduler": {"type": "pbt", "perturbation_interval": 3}},
+                         "tune.scheduler.perturbation_interval: 3 must be a multiple of train.checkpoint_every (4)"),
+        "pbt mutate": ({"scheduler": {"type": "pbt", "mutate": ["model.dim"]}},
+                       "tune.scheduler.mutate: 'model.dim' is not in tune.space"),
+        "optuna grid": ({"search": "optuna"}, "cannot enumerate `grid` axes"),
         "mode": ({"mode": "lowest"}, "tune.mode"),
     }
     for name, (tune, expected) in cases.items():
         path = write_sweep(tmp_path, **tune)
+        if name.startswith("pbt ") and name != "pbt without checkpoints":
+            raw = yaml.safe_load(path.read_text())
+            raw["overrides"]["train.checkpoint_every"] = 4
+            path.write_text(yaml.safe_dump(raw))
         with pytest.raises(SpecError) as e:
             load_sweep(path)
         assert expected in str(e.value), (name, str(e.value))
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_reruns_no_finished_trial(tmp_path):
+    """The CLI as a user runs it: Ctrl-C while the second of two trials runs, then
+    `shipyard sweep --resume`: the finished trial is not run again, the interrupted one continues
+    its own run from its last checkpoint (every step in MLflow exactly once), and the sweep ends
+    with both trials finished under the same parent run."""
+    home = tmp_path / "home"
+    env = {**os.environ, "SHIPYARD_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    path = write_sweep(tmp_path, num_samples=1, max_concurrent=1, space={"train.steps": {"grid": [8, 400]}},
+                       scheduler={"type": "none"})
+    raw = yaml.safe_load(path.read_text())
+    raw["overrides"].update({"train.checkpoint_every": 8, "train.eval_every": 8, "scaling.num_workers": 1,
+                             "checkpoint.keep": 2})
+    path.write_text(yaml.safe_dump(raw))
+    shipyard = str(Path(sys.executable).with_name("shipyard"))
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([shipyard, "sweep", str(path), "-q"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    mlflow = client(f"sqlite:///{home / 'mlflow.db'}")
+    deadline = time.monotonic() + 300
+    try:
+        while True:  # until the long trial has a checkpoint (step 8 or later)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            exp = mlflow.get_experiment_by_name("sweeps") if (home / "mlflow.db").exists() else None
+            runs = mlflow.search_runs([exp.experiment_id], "params.`train.steps` = '400'") if exp else []
+            if runs and any(m.step >= 10 for m in mlflow.get_metric_history(runs[0].info.run_id, "train/loss")):
+                break
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (state,) = (home / "sweeps").glob("*/shipyard-sweep.json")
+    name = state.parent.name
+    parent = json.loads(state.read_text())["parent_run_id"]
+    assert mlflow.get_run(parent).info.status == "KILLED"
+    exp = mlflow.get_experiment_by_name("sweeps")
+    before = {r.data.params["train.steps"]: r for r in mlflow.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert before["8"].info.status == "FINISHED" and before["400"].info.status == "KILLED"
+
+    done = subprocess.run([shipyard, "sweep", "--resume", name, "-q"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    after = {r.data.params["train.steps"]: r for r in mlflow.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert set(after) == {"8", "400"} and len(mlflow.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 2
+    assert after["8"].info.run_id == before["8"].info.run_id
+    assert after["8"].info.end_time == before["8"].info.end_time  # not run again
+    assert after["400"].info.run_id == before["400"].info.run_id and after["400"].info.status == "FINISHED"
+    steps = [m.step for m in mlflow.get_metric_history(after["400"].info.run_id, "train/loss")]
+    assert steps == list(range(2, 401, 2)), steps[:10]
+    assert mlflow.get_run(parent).info.status == "FINISHED"

@@ -75,6 +75,9 @@ class Config:
     scan, the paper's log-space scan, or a plain loop over time."""
     chunk: int = 0
     """Steps per chunk for the "chunked" and "log" scans; 0 = automatic (~sqrt(T/2), resp. 64)."""
+    dropout: float = 0.0
+    """Dropout on each residual branch's output (cell and MLP), in training only; not in the
+    paper (its LMs use none), here so sweeps (PBT) can regularise."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth"):
@@ -89,6 +92,8 @@ class Config:
             raise ValueError(f"scan must be 'chunked', 'log' or 'sequential', got {self.scan!r}")
         if self.chunk < 0:
             raise ValueError(f"chunk must be >= 0, got {self.chunk}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def inner(self) -> int:
@@ -159,11 +164,12 @@ class Block(nn.Module):
         self.rnn = MinRNN(cfg.dim, cfg.cell, cfg.expansion, cfg.scan, cfg.chunk)
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.dim, max(1, round(cfg.dim * cfg.mlp_ratio)))
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, h0_BE=None):
         y, h_BE = self.rnn(self.rnn_norm(x_BTD), h0_BE)
-        x_BTD = x_BTD + y
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), h_BE
+        x_BTD = x_BTD + self.drop(y)
+        return x_BTD + self.drop(self.mlp(self.mlp_norm(x_BTD))), h_BE
 
     def step(self, x_BD, h_BE):
         y, h_BE = self.rnn.step(self.rnn_norm(x_BD), h_BE)

@@ -66,13 +66,17 @@ class RunResult:
 def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str] | None = None,
             stop_at: int | None = None, on_record: Callable[[dict], None] | None = None,
             quiet: bool = False, run_name: str | None = None,
-            tags: dict[str, str] | None = None) -> RunResult:
+            tags: dict[str, str] | None = None, start_from: str | None = None) -> RunResult:
     """Run a job to its end (or to `stop_at`); `resume=(mlflow_run_id, run_name)` continues a run.
+
+    `start_from` (a complete checkpoint's path) starts a new run from another run's full state
+    (weights, optimizer, step, data position) with this spec's hyperparameters; the run's own
+    checkpoints, once it has any, take precedence on a restart.
 
     `tags` are added to a new MLflow run (a sweep's trials carry `mlflow.parentRunId`).
     `on_record` sees every record from the workers: metrics `{"step": s, name: value, ...}` and
     events (`"run"` with the MLflow run id and run directory, first; `"worker"` per worker;
-    `"resumed"`, `"skipped"`).
+    `"resumed"`, `"skipped"`, `"checkpoint"` with the step and path of each checkpoint saved).
     """
     connect(address)
     root = storage_root(spec.storage.path)
@@ -107,7 +111,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         train_loop,
         train_loop_config={"spec": spec.to_dict(secrets=True), "channel": channel, "run_dir": run_dir,
                            "stop_at": stop_at, "cache_dir": str(home() / "data"),
-                           "cwd": os.getcwd()},
+                           "cwd": os.getcwd(), "start_from": start_from},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker},

@@ -56,6 +56,14 @@ def train_loop(config: dict) -> None:
 
     step = batches = 0
     start = _checkpoint_to_resume(config["run_dir"], spec)
+    if start is None and config.get("start_from"):
+        # A new run that continues another run's state (a PBT trial cloning a better one): the
+        # weights, optimizer, RNG, step and data position come from that checkpoint, the
+        # hyperparameters from this run's spec.
+        fs, path = filesystem(config["start_from"], spec.storage)
+        if ckpt.read_manifest(fs, path) is None:
+            raise FileNotFoundError(f"start_from: {config['start_from']} is not a complete checkpoint")
+        start = ray.train.Checkpoint(path, filesystem=fs)
     if start is not None:
         with start.as_directory() as d:
             meta = ckpt.restore(Path(d), engine, rank)
@@ -112,6 +120,9 @@ def train_loop(config: dict) -> None:
         if periodic or boundary or stop_requested:
             _save(engine, spec, step, batches, rank, world, family, last_metrics, config["run_dir"])
             saved_at = step
+            if rank == 0:
+                channel.push.remote({"event": "checkpoint", "step": step,
+                                     "path": f"{config['run_dir'].rstrip('/')}/{ckpt.dir_name(step)}"})
         if stop_requested or step == stop_at:
             break
     if saved_at != step:  # resumed at or past the end: still hand back the final checkpoint

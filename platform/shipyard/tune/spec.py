@@ -45,6 +45,16 @@ class SchedulerSpec:
     """ASHA: steps every trial runs before it can be stopped; 0 = the job's eval_every (or 10%)."""
     reduction_factor: int = 2
     """ASHA: keep the best 1/reduction_factor of trials at each rung."""
+    perturbation_interval: int = 0
+    """PBT: steps between exploit/explore decisions; 0 = the job's train.checkpoint_every. Must be
+    a multiple of checkpoint_every (a trial can only be cloned from a checkpoint)."""
+    mutate: list[str] = field(default_factory=list)
+    """PBT: the space's fields it perturbs (default: all of them); the rest stay as sampled."""
+    quantile_fraction: float = 0.25
+    """PBT: the bottom fraction of trials clones the top fraction at each decision."""
+    resample_probability: float = 0.25
+    """PBT: chance that a perturbed field is resampled from its distribution instead of being
+    scaled by 0.8/1.2 (ranges) or moved to a neighbouring value (lists)."""
 
 
 @dataclass
@@ -55,9 +65,10 @@ class TuneSpec:
     max_concurrent: int = 2
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    search: Literal["random", "grid"] = "random"
+    search: Literal["random", "grid", "optuna"] = "random"
     """`random` samples every distribution; `grid` needs only `grid` / `choice` axes and runs
-    every combination num_samples times."""
+    every combination num_samples times; `optuna` is Optuna's TPE (needs `pip install optuna`;
+    no `grid` axes)."""
     time_budget_s: float | None = None
     """Stop starting and running trials after this many seconds (None: no budget)."""
     seed: int = 0
@@ -72,6 +83,10 @@ class SweepSpec:
     """The job spec as plain data, overrides applied."""
     job: JobSpec
     tune: TuneSpec
+    path: Path | None = None
+    """The sweep file (what `shipyard sweep --resume` reloads)."""
+    overrides: tuple[str, ...] = ()
+    """Command-line overrides applied to the job."""
 
     def trial_raw(self, params: dict[str, Any]) -> dict:
         """The job of one trial as plain data: the base job with `params` (dotted paths) set."""
@@ -86,7 +101,8 @@ def is_sweep(raw: Any) -> bool:
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
     """Read and validate a sweep file; `overrides` (`key.sub=value`) apply to the job."""
     path = Path(path)
-    return load_spec_file(path, "sweep spec", lambda raw: parse_sweep(raw, path.parent, overrides))
+    sweep = load_spec_file(path, "sweep spec", lambda raw: parse_sweep(raw, path.parent, overrides))
+    return dataclasses.replace(sweep, path=path.resolve(), overrides=tuple(overrides))
 
 
 def parse_sweep(raw: Any, base: Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
@@ -144,8 +160,16 @@ def _check_tune(tune: TuneSpec, job: JobSpec, job_raw: dict, errors: list[str]) 
     if tune.max_concurrent < 1:
         errors.append(f"tune.max_concurrent: {tune.max_concurrent} must be at least 1")
     if tune.scheduler.type == "pbt":
-        errors.append("tune.scheduler.type: 'pbt' is not implemented yet (it needs Tune-level checkpoints "
-                      "fed from the Train run); use 'asha' or 'none'")
+        _check_pbt(tune, job, errors)
+    if tune.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            errors.append("tune.search: 'optuna' needs the optuna package (pip install optuna); "
+                          "or use 'random' or 'grid'")
+        if any(next(iter(d)) == "grid" for d in tune.space.values() if isinstance(d, dict) and d):
+            errors.append("tune.search: 'optuna' samples its own points and cannot enumerate `grid` axes; "
+                          "use choice instead")
     if tune.scheduler.reduction_factor < 2:
         errors.append(f"tune.scheduler.reduction_factor: {tune.scheduler.reduction_factor} must be at least 2")
     if not tune.space:
@@ -182,3 +206,41 @@ def _check_tune(tune: TuneSpec, job: JobSpec, job_raw: dict, errors: list[str]) 
                 lines = [l.strip() for l in str(e).splitlines() if l.strip()]
                 errors.append(f"{where}: {value!r} does not make a valid job: " + "; ".join(lines))
                 break
+
+
+def _check_pbt(tune: TuneSpec, job: JobSpec, errors: list[str]) -> None:
+    """PBT clones trials from checkpoints at its decisions, so checkpoints and the metric must
+    both exist at every decision step."""
+    s, every = tune.scheduler, job.train.checkpoint_every
+    if not every:
+        errors.append("tune.scheduler.type: 'pbt' clones trials from checkpoints; set train.checkpoint_every "
+                      "(in the sweep's overrides)")
+        return
+    interval = s.perturbation_interval or every
+    if s.perturbation_interval < 0 or interval % every:
+        errors.append(f"tune.scheduler.perturbation_interval: {s.perturbation_interval} must be a multiple of "
+                      f"train.checkpoint_every ({every})")
+    measured = job.train.eval_every if tune.metric.startswith("val/") else job.train.log_every
+    if not measured or every % measured:
+        field_name = "eval_every" if tune.metric.startswith("val/") else "log_every"
+        errors.append(f"tune.metric: {tune.metric} must be measured at every checkpoint for PBT: "
+                      f"train.checkpoint_every ({every}) must be a multiple of train.{field_name} ({measured})")
+    if job.checkpoint.keep == 1:
+        errors.append("checkpoint.keep: 1 would delete a checkpoint PBT is about to clone; use 0 (all) or >= 2")
+    for path in s.mutate:
+        if path not in tune.space:
+            errors.append(f"tune.scheduler.mutate: {path!r} is not in tune.space (" + ", ".join(tune.space) + ")")
+    if not 0 < s.quantile_fraction <= 0.5:
+        errors.append(f"tune.scheduler.quantile_fraction: {s.quantile_fraction} must be in (0, 0.5]")
+    if not 0 <= s.resample_probability <= 1:
+        errors.append(f"tune.scheduler.resample_probability: {s.resample_probability} must be in [0, 1]")
+    if tune.num_samples * max(1, _grid_size(tune)) < 2:
+        errors.append(f"tune.num_samples: PBT needs a population of at least 2 trials, got {tune.num_samples}")
+
+
+def _grid_size(tune: TuneSpec) -> int:
+    n = 1
+    for d in tune.space.values():
+        if isinstance(d, dict) and len(d) == 1 and "grid" in d and isinstance(d["grid"], list):
+            n *= len(d["grid"])
+    return n

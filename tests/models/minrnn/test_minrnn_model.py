@@ -37,6 +37,15 @@ def test_greedy_generation_with_state_equals_rerunning_the_parallel_model(cell):
         torch.testing.assert_close(state, state_par, rtol=1e-4, atol=1e-5)
 
 
+def test_dropout_acts_in_training_only():
+    plain, dropped = _model("mingru"), _model("mingru", dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())  # same weights; dropout has no parameters
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(tokens)[0], plain(tokens)[0], rtol=0, atol=0)
+        assert not torch.allclose(dropped.train()(tokens)[0], plain.train()(tokens)[0])
+
+
 def test_state_carries_across_calls():
     model = _model("mingru")
     tokens = torch.randint(0, 256, (3, 30))
@@ -83,7 +92,7 @@ def test_config_fields_are_plain_typed(cls):
 
 @pytest.mark.parametrize("cls,kw,field", [
     (Config, {"dim": 0}, "dim"), (Config, {"cell": "gru"}, "cell"),
-    (Config, {"chunk": -1}, "chunk"),
+    (Config, {"chunk": -1}, "chunk"), (Config, {"dropout": 1.0}, "dropout"),
     (DataConfig, {"seq_len": 0}, "seq_len"), (DataConfig, {"val_every": 1}, "val_every"),
 ])
 def test_config_mistakes_name_the_field(cls, kw, field):
