@@ -36,7 +36,7 @@ def write_sweep(tmp_path: Path, **tune) -> Path:
                       "train.eval_batches": 1, "train.checkpoint_every": 0, "train.warmup_steps": 0,
                       "tracking.experiment": "sweeps"},
         "tune": {"metric": "val/loss", "mode": "min", "num_samples": 1, "max_concurrent": 1,
-                 "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6, 1.0e-7]}},
+                 "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6, 1.0e-7, 1.0e-8]}},
                  "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2}, **tune},
     }
     path = tmp_path / "sweep.yaml"
@@ -51,9 +51,9 @@ def test_asha_sweep_stops_bad_trials_and_tracks_parent_and_children(ray_cluster,
     result = run_sweep(sweep, quiet=True, on_result=lambda trial, r: seen.append((trial, r)))
     assert not result.errors, result.errors
     by_lr = {o.params["train.lr"]: o for o in result.trials}
-    assert set(by_lr) == {3.0e-3, 1.0e-6, 1.0e-7}
+    assert set(by_lr) == {3.0e-3, 1.0e-6, 1.0e-7, 1.0e-8}
     assert by_lr[3.0e-3].status == "FINISHED" and by_lr[3.0e-3].step == 12
-    for lr in (1.0e-6, 1.0e-7):
+    for lr in (1.0e-6, 1.0e-7, 1.0e-8):
         assert by_lr[lr].status == "STOPPED_EARLY", by_lr[lr]
         assert by_lr[lr].step < 12
     assert result.best is by_lr[3.0e-3]
@@ -70,12 +70,12 @@ def test_asha_sweep_stops_bad_trials_and_tracks_parent_and_children(ray_cluster,
     assert {c.info.run_id for c in children} == {o.run_id for o in result.trials}
     status = {c.info.run_id: c.info.status for c in children}
     assert status[by_lr[3.0e-3].run_id] == "FINISHED"
-    for lr in (1.0e-6, 1.0e-7):
+    for lr in (1.0e-6, 1.0e-7, 1.0e-8):
         child = mlflow.get_run(by_lr[lr].run_id)
         assert child.info.status == "KILLED" and child.data.tags["shipyard.stopped_early"] == "asha"
         assert float(child.data.params["train.lr"]) == lr
     trials = json.loads(Path(mlflow.download_artifacts(result.run_id, "trials.json")).read_text())
-    assert len(trials) == 3
+    assert len(trials) == 4
 
     version = mlflow.get_model_version(sweep.job.name, result.registered_version)
     assert version.source == f"runs:/{result.run_id}/best_model"
