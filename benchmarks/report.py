@@ -17,6 +17,22 @@ NOTES = {
                          "twin as control (`python benchmarks/layerskip_speedup.py`).",
     "platform_overhead": "Throughput through `shipyard run`'s loop vs a bare PyTorch loop, and 2 workers vs 1 "
                          "(`python benchmarks/platform_overhead.py`).",
+    "serve": "LayerSkip completions through `shipyard serve` (Ray Serve on 127.0.0.1): requests/s and latency, "
+             "self-speculative vs plain decoding at 1, 4 and 16 clients (`python benchmarks/serve.py`).",
+    "laplace_ood": "Last-layer Laplace on the same classifier: identity curvature (ICLA) vs diag/KFAC/full GGN; "
+                   "near/far OOD AUROC, ECE, NLL, fit time over seeds (`python benchmarks/laplace_ood.py`).",
+    "allegro_scaling": "Allegro energy+forces throughput vs system size, ghost/owned ratios, 1 vs 2 Ray actors "
+                       "(`python benchmarks/allegro_scaling.py`).",
+    "allegro_partitioner": "The spatial partitioner alone at 10^7 atoms: time, ghosts and message volume per "
+                           "step against the number of domains (`python benchmarks/allegro_scaling.py "
+                           "--partitioner-only`).",
+    "tokenformer_growth": "TokenFormer progressive growth (small, grown, big from scratch, small continued): "
+                          "FLOPs for the grown model to reach the from-scratch loss "
+                          "(`python benchmarks/tokenformer_growth.py`).",
+    "matformer": "Matformer vs a torch-geometric baseline on generated crystals: MAE, throughput, graph "
+                 "construction time (`python benchmarks/matformer.py`).",
+    "upt": "Universal Physics Transformer on generated 2D flows: rollout error and step cost as the number of "
+           "input points grows (`python benchmarks/upt.py`).",
 }
 
 
@@ -26,6 +42,13 @@ HEADLINES = {
     "platform_overhead": ["overhead_ratio", "scaling_efficiency_2w"],
     "layerskip_speedup": ["speedup_vs_autoregressive", "speedup_vs_hf_early_exit", "greedy_identical",
                           "acceptance_rate", "control_speedup_vs_autoregressive"],
+    "serve": ["rps_ratio_self_speculative_vs_plain", "p99_ms_16_clients", "errors_5xx"],
+    "laplace_ood": ["auroc_near_icla", "auroc_near_best_curvature", "fit_time_ratio_kfac_over_icla", "ece_icla"],
+    "allegro_scaling": ["throughput_ratio_vs_reference", "time_per_atom_ratio_largest_vs_smallest",
+                        "partition_max_force_error", "weak_scaling_efficiency_2_actors"],
+    "tokenformer_growth": ["reached_target", "flops_fraction_of_scratch", "growth_max_logit_change"],
+    "matformer": ["mae_ratio_vs_baseline", "mae_over_target_std", "graph_build_ms_per_structure"],
+    "upt": ["rollout_error_ratio_vs_fno", "step_time_ratio_16x_points", "one_step_error_vs_persistence"],
 }
 
 

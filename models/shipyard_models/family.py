@@ -21,6 +21,24 @@ Metrics = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Transform:
+    """A change of the model between two stages of a multi-stage job (e.g. TokenFormer's growth).
+
+    Args:
+        Args: dataclass of the stage's `args:` block (validated like the rest of the spec).
+        config: `config(cfg, args) -> cfg`, the next stage's model config.
+        state: `state(model_state, optim_state, args) -> (model_state, optim_state)` on full
+            state dicts keyed by parameter name (optimizer state as
+            `torch.distributed.checkpoint.state_dict` writes it); optim_state may be None (the
+            next stage starts a fresh optimizer), and is then returned as None.
+    """
+
+    Args: type
+    config: Callable[[Any, Any], Any]
+    state: Callable[[dict, dict | None, Any], tuple[dict, dict | None]]
+
+
+@dataclass(frozen=True)
 class Family:
     """What a paper package hands the platform.
 
@@ -44,6 +62,8 @@ class Family:
             per-layer chart); the platform logs them as MLflow artifacts. None when there are none.
         report: `report(model, cfg, data_cfg, cache_dir) -> str`, a short human-readable look at
             a trained model (what `shipyard report` and `make demo` print). None: metrics only.
+        transforms: `{name: Transform}` a multi-stage job's `stages[i].transform` may name
+            (e.g. `"grow"`); a stage without one continues the previous stage's model as it is.
     """
 
     name: str
@@ -58,3 +78,4 @@ class Family:
     exports: dict[str, Callable[[nn.Module, Any, Path], None]] = field(default_factory=dict)
     plots: Callable[[dict[str, float], Path], list[Path]] | None = None
     report: Callable[[nn.Module, Any, Any, Path], str] | None = None
+    transforms: dict[str, Transform] = field(default_factory=dict)

@@ -6,6 +6,8 @@
     shipyard resume RUN [key.sub=value ...]    continue a run from its newest complete checkpoint
     shipyard export RUN_OR_CHECKPOINT DIR      write the model (--format safetensors | a family's own)
     shipyard report RUN_OR_CHECKPOINT          a short look at a trained model
+    shipyard laplace RUN_OR_CHECKPOINT [laplace.k=v ...]
+                                               last-layer Laplace (ICLA, diag, KFAC, full) on a classifier checkpoint
     shipyard serve RUN_OR_CHECKPOINT [--port P] [--replicas N | --autoscaling MIN:MAX] [--token T]
                                                serve it with Ray Serve (--config OUT.yaml: a Serve config file)
     shipyard sweep jobs/sweeps/X.yaml          a Ray Tune sweep over a job (ASHA), one MLflow parent run
@@ -99,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="checkpoint directory, run directory, or MLflow run (id, prefix, name)")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("laplace", help="fit last-layer Laplace approximations on a finished classifier "
+                                       "checkpoint; logs a child run in its MLflow experiment")
+    p.add_argument("target", help="checkpoint directory, run directory, or MLflow run (id, prefix, name)")
+    p.add_argument("overrides", nargs="*", help="laplace.key=value over the checkpoint spec's `laplace:` block")
+    p.add_argument("--address", help="an existing Ray cluster (default: embedded local cluster)")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_laplace)
 
     p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (OpenAI-compatible completions, /docs)")
     p.add_argument("target", help="checkpoint or run directory (local or s3://), MLflow run (id, prefix, name) "
@@ -228,6 +238,9 @@ def _run(spec, args, resume) -> int:
     if result.error is not None:
         console.print(f"[red]the run failed:[/red] {result.error}", highlight=False)
         return 1
+    if spec.laplace.after_training and result.status == "FINISHED" and result.checkpoint:
+        args.target, args.overrides = result.run_id, []
+        return cmd_laplace(args)
     return 0
 
 
@@ -387,6 +400,23 @@ def cmd_report(args) -> int:
         out.print(f"family {spec.family} has no report; see `shipyard runs` for its metrics")
         return 0
     out.print(family.report(model, spec.model, spec.data, home() / "data"), highlight=False)
+    return 0
+
+
+def cmd_laplace(args) -> int:
+    from shipyard.posthoc.laplace import STAGE, run_laplace
+    run = run_laplace(args.target, list(args.overrides), tracking_uri=getattr(args, "tracking_uri", None),
+                      address=getattr(args, "address", None))
+    table = Table(title=f"laplace {run.run_name} (MLflow run {run.run_id})")
+    methods = sorted({k.split("/")[1] for k in run.metrics}, key=lambda m: (m != "map", m))
+    keys = sorted({k.split("/", 2)[2] for k in run.metrics})
+    table.add_column("metric")
+    for m in methods:
+        table.add_column(m, justify="right")
+    for key in keys:
+        table.add_row(key, *(f"{run.metrics.get(f'{STAGE}/{m}/{key}', float('nan')):.4g}" for m in methods))
+    out.print(table)
+    out.print(f"checkpoint {run.checkpoint}; reliability diagram: artifact reliability.png", highlight=False)
     return 0
 
 

@@ -122,6 +122,50 @@ class FailureSpec:
 
 
 @dataclass
+class StageSpec:
+    """One stage of a multi-stage job (`stages:`). Each stage is its own run (an MLflow child run
+    of the job's parent run); a stage after the first starts from the previous stage's final
+    checkpoint, changed by the family's `transform` (e.g. TokenFormer's `grow`), if any."""
+
+    name: str
+    """The stage's name; its run is `<job run>-<name>`."""
+    steps: int
+    """Optimizer steps of this stage (its `train.steps`; the step count restarts at 0)."""
+    transform: str | None = None
+    """A transform of the model family applied to the previous stage's model (not on the first)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The transform's arguments, checked against the family's dataclass for them."""
+    optimizer: Literal["continue", "fresh"] = "continue"
+    """`continue`: the previous stage's optimizer state (moments, step count) carries over,
+    transformed along with the model; `fresh`: a new optimizer."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Fields of the `train:` block that differ in this stage (e.g. lr, warmup_steps)."""
+
+
+@dataclass
+class LaplaceSpec:
+    """The post-hoc `laplace:` stage: a last-layer Laplace approximation fitted on a finished
+    classifier checkpoint (`shipyard laplace RUN`, or after training with `after_training`), scored
+    (NLL, ECE, accuracy, OOD AUROC / FPR95) and logged as its own MLflow run in the job's
+    experiment. See shipyard.posthoc.laplace and shipyard_models.laplace.last_layer."""
+
+    after_training: bool = False
+    """Run the stage on the run's final checkpoint when `shipyard run` finishes."""
+    methods: list[Literal["icla", "diag", "kfac", "full"]] = field(
+        default_factory=lambda: ["icla", "diag", "kfac", "full"])
+    """Posteriors to fit: identity curvature (ICLA), diagonal, KFAC, full GGN (the MAP is always scored)."""
+    prior: Literal["marglik", "val"] = "marglik"
+    """Prior precision of diag / kfac / full: marginal likelihood, or validation NLL."""
+    icla_prior: Literal["val", "diag", "kfac", "full"] = "val"
+    """ICLA's prior precision: `val` (curvature-free from the start, validation NLL), or the one
+    that curvature's method gets (tuned as `prior` says), after which the curvature is dropped."""
+    predictive: Literal["probit", "mc"] = "probit"
+    mc_samples: int = 1000
+    """Monte Carlo draws per input (predictive: mc)."""
+    seed: int = 0
+
+
+@dataclass
 class JobSpec:
     name: str
     family: str
@@ -134,6 +178,9 @@ class JobSpec:
     storage: StorageSpec = field(default_factory=StorageSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     failure: FailureSpec = field(default_factory=FailureSpec)
+    stages: list[StageSpec] = field(default_factory=list)
+    """Empty: a single-stage job. Otherwise the stages run in order (see StageSpec, stages.py)."""
+    laplace: LaplaceSpec = field(default_factory=LaplaceSpec)
 
     def to_dict(self, secrets: bool = False) -> dict[str, Any]:
         """The spec as plain data, in the same shape as the YAML (`model.family` included).
@@ -142,15 +189,20 @@ class JobSpec:
         """
         out = {"name": self.name, "model": {"family": self.family, **dataclasses.asdict(self.model)}}
         for f in dataclasses.fields(self)[4:]:
-            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+            if f.name != "stages":
+                out[f.name] = dataclasses.asdict(getattr(self, f.name))
         out["data"] = dataclasses.asdict(self.data)
+        if self.laplace == LaplaceSpec():  # an unused post-hoc stage stays out of params and spec.yaml
+            del out["laplace"]
+        if self.stages:
+            out["stages"] = [dataclasses.asdict(s) for s in self.stages]
         if not secrets:
             for block, key in SECRETS:
                 out[block][key] = None
         return out
 
 
-_BLOCKS = {f.name: f.type for f in dataclasses.fields(JobSpec)[4:]}
+_BLOCKS = {f.name: f.type for f in dataclasses.fields(JobSpec)[4:] if f.name != "stages"}
 
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -180,7 +232,7 @@ def parse_job(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
         raise SpecError(f"  (top level): expected a mapping of blocks, got {_show(raw)}")
     raw = apply_overrides(raw, overrides)
     errors: list[str] = []
-    allowed = ["name", "model", "data", *_BLOCKS]
+    allowed = ["name", "model", "data", *_BLOCKS, "stages"]
     for key in raw:
         if key not in allowed:
             errors.append(_unknown(str(key), key, allowed))
@@ -202,11 +254,88 @@ def parse_job(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
         data = _dataclass(fam.DataConfig, raw.get("data") or {}, "data", errors)
 
     blocks = {k: _dataclass(tp, raw.get(k) or {}, k, errors) for k, tp in _resolved_blocks().items()}
+    stages = _stages(raw.get("stages"), errors)
     if errors:
         raise SpecError("\n".join("  " + e for e in errors))
-    spec = JobSpec(name=name, family=family_name, model=model, data=data, **blocks)
+    spec = JobSpec(name=name, family=family_name, model=model, data=data, **blocks, stages=stages)
     _check_consistency(spec)
+    _check_stages(spec)
     return spec
+
+
+def _stages(value: Any, errors: list[str]) -> list[StageSpec]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        errors.append(f"stages: expected a non-empty list of stages, got {_show(value)}")
+        return []
+    return [_dataclass(StageSpec, v, f"stages[{i}]", errors) for i, v in enumerate(value)]
+
+
+def stage_spec(spec: JobSpec, index: int) -> JobSpec:
+    """The single-stage spec stage `index` of a multi-stage job runs: the model after every
+    transform up to it, its own steps and train fields, the rest as the job's."""
+    from shipyard.registry import MODELS
+    family = MODELS[spec.family]
+    model = spec.model
+    for stage in spec.stages[1:index + 1]:
+        if stage.transform is not None:
+            transform = family.transforms[stage.transform]
+            model = transform.config(model, transform.Args(**stage.args))
+    stage = spec.stages[index]
+    train = TrainSpec(**{**dataclasses.asdict(spec.train), **stage.train, "steps": stage.steps})
+    return dataclasses.replace(spec, name=f"{spec.name}-{stage.name}", model=model, train=train, stages=[])
+
+
+def _check_stages(spec: JobSpec) -> None:
+    """Stage fields the dataclass cannot check alone: names, transforms and their arguments,
+    each stage's train block, and whether the strategy can start from a converted checkpoint."""
+    if not spec.stages:
+        return
+    from shipyard.registry import MODELS
+    family = MODELS[spec.family]
+    errs: list[str] = []
+    seen: set[str] = set()
+    for i, stage in enumerate(spec.stages):
+        at = f"stages[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stage.name):
+            errs.append(f"{at}.name: {stage.name!r} is not a valid stage name; use letters, digits, '-', '_', '.'")
+        elif stage.name in seen:
+            errs.append(f"{at}.name: {stage.name!r} is used by an earlier stage; stage names must differ")
+        seen.add(stage.name)
+        if stage.steps < 1:
+            errs.append(f"{at}.steps: {stage.steps} must be at least 1")
+        if "steps" in stage.train:
+            errs.append(f"{at}.train.steps: set the stage's steps as {at}.steps")
+        if i == 0 and stage.transform is not None:
+            errs.append(f"{at}.transform: the first stage trains the model as the spec builds it; "
+                        "a transform needs a previous stage")
+        elif stage.transform is not None and stage.transform not in family.transforms:
+            choices = ", ".join(family.transforms) or "none (this family has no transforms)"
+            errs.append(f"{at}.transform: {stage.transform!r} is not a transform of family "
+                        f"{spec.family}; choose one of {choices}")
+        elif stage.transform is not None:
+            args = _dataclass(family.transforms[stage.transform].Args, stage.args, f"{at}.args", errs)
+            if args is not None:
+                try:
+                    family.transforms[stage.transform].config(stage_spec(spec, i - 1).model, args)
+                except (TypeError, ValueError) as e:
+                    errs.append(f"{at}.args: the transformed model is invalid: {e}")
+        elif stage.args:
+            errs.append(f"{at}.args: only a stage with a transform takes arguments")
+        _dataclass(TrainSpec, {**dataclasses.asdict(spec.train), **stage.train}, f"{at}.train", errs)
+    if errs:
+        raise SpecError("\n".join("  " + e for e in errs))
+    for i in range(len(spec.stages)):
+        try:
+            _check_consistency(stage_spec(spec, i))
+        except SpecError as e:
+            errs += [f"stages[{i}]: {line.strip()}" for line in str(e).splitlines()]
+    if len(spec.stages) > 1 and spec.sharding.strategy == "deepspeed":
+        errs.append("sharding.strategy: 'deepspeed' cannot run the stages after the first (they start "
+                    "from a converted torch.distributed.checkpoint); choose 'ddp' or 'fsdp'")
+    if errs:
+        raise SpecError("\n".join("  " + e for e in errs))
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -272,6 +401,15 @@ def _check_consistency(spec: JobSpec) -> None:
     if spec.sharding.strategy != "deepspeed" and (spec.sharding.deepspeed or spec.sharding.offload):
         errs.append("sharding.deepspeed / sharding.offload: only apply to strategy 'deepspeed', "
                     f"not {spec.sharding.strategy!r}")
+    if spec.laplace != LaplaceSpec():
+        from shipyard.posthoc.laplace import TASKS  # imports the family packages: only when used
+        if spec.family not in TASKS:
+            errs.append(f"laplace: family {spec.family!r} has no Laplace stage; families with one: "
+                        f"{', '.join(TASKS)}")
+        if not spec.laplace.methods or len(set(spec.laplace.methods)) != len(spec.laplace.methods):
+            errs.append(f"laplace.methods: {spec.laplace.methods} must name at least one method, each once")
+        if spec.laplace.mc_samples < 1:
+            errs.append(f"laplace.mc_samples: {spec.laplace.mc_samples} must be at least 1")
     if errs:
         raise SpecError("\n".join("  " + e for e in errs))
 

@@ -77,7 +77,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     `on_record` sees every record from the workers: metrics `{"step": s, name: value, ...}` and
     events (`"run"` with the MLflow run id and run directory, first; `"worker"` per worker;
     `"resumed"`, `"skipped"`, `"checkpoint"` with the step and path of each checkpoint saved).
+    A spec with `stages:` runs them in order under one parent run (stages.py).
     """
+    if spec.stages:
+        if stop_at is not None:
+            raise ValueError("--stop-at does not apply to a multi-stage job (stages:)")
+        from shipyard.train.stages import run_stages
+        return run_stages(spec, address=address, resume=resume, on_record=on_record, quiet=quiet,
+                          run_name=run_name, tags=tags)
     connect(address)
     root = storage_root(spec.storage.path)
     if resume:

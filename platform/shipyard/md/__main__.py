@@ -1,0 +1,5 @@
+import sys
+
+from shipyard.md.run import main
+
+sys.exit(main())

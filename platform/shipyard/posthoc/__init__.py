@@ -1,0 +1,1 @@
+"""Post-hoc stages: work on a finished checkpoint of any earlier run (e.g. `laplace`)."""
