@@ -6,6 +6,7 @@ from shipyard_models.allegro import FAMILY as ALLEGRO
 from shipyard_models.family import Family
 from shipyard_models.laplace import FAMILY as LAPLACE
 from shipyard_models.layerskip import FAMILY as LAYERSKIP
+from shipyard_models.matformer import FAMILY as MATFORMER
 from shipyard_models.minrnn import FAMILY as MINRNN
 from shipyard_models.tokenformer import FAMILY as TOKENFORMER
 from shipyard_models.upt import FAMILY as UPT
@@ -14,6 +15,7 @@ MODELS: dict[str, Family] = {
     MINRNN.name: MINRNN,
     LAYERSKIP.name: LAYERSKIP,
     TOKENFORMER.name: TOKENFORMER,
+    MATFORMER.name: MATFORMER,
     ALLEGRO.name: ALLEGRO,
     LAPLACE.name: LAPLACE,
     UPT.name: UPT,
