@@ -24,14 +24,19 @@ faster than autoregressive decoding on GPUs with identical greedy output. Goal h
    decode degenerate loops, so its figures only show that the script works.
 2. Greedy, batch 1, fixed code prompts from the held-out val split (64 bytes from the start of
    evenly spaced top-level `def` lines), N = 128 new tokens each (--quick 64), no stop token.
-   Phase 1 sweeps exit layer E and draft length d of `self_speculative_generate` next to
-   `generate`; the best (E, d) by tokens/s is re-timed in phase 2 next to our `generate`,
+   Phase 1 sweeps exit layer E, draft length d and the draft confidence stop c of
+   `self_speculative_generate` next to `generate` (c = 0: always draft d tokens, the paper's
+   policy; c = 0.5: a round stops drafting after a draft the early exit gives less than 50%, so
+   drafts that would likely be rejected cost no early passes -- session 3 added this axis, which
+   is what lifts the speedup past 1.5x; it cannot change the output, since every draft is still
+   verified). The best (E, d, c) by tokens/s is re-timed in phase 2 next to our `generate`,
    transformers' plain greedy `generate` and its `assistant_early_exit=E` with
-   `num_assistant_tokens=d` (constant schedule, confidence stop off: the same drafting policy as
-   ours), plus (full run, LayerSkip model) HF's early exit with its default drafting policy (20
-   tokens, confidence stop 0.4). HF runs the same weights via `export_hf` + `from_pretrained`.
+   `num_assistant_tokens=d` and `assistant_confidence_threshold=c` (constant schedule: the same
+   drafting policy as ours), plus (full run, LayerSkip model) HF's early exit with its default
+   drafting policy (20 tokens, confidence stop 0.4). HF runs the same weights via `export_hf` +
+   `from_pretrained`.
    The headline ratios come from phase 2, so picking the best of a noisy sweep does not inflate
-   them. The control is swept the same way and reported at its own best (E, d) and at the
+   them. The control is swept the same way and reported at its own best (E, d, c) and at the
    LayerSkip model's.
 3. Timing: wall clock of each whole generate call (prefill included, the same for all), after a
    warm-up call of each contender; contenders run round-robin (rotating order) so load from other
@@ -54,7 +59,8 @@ Figures (benchmarks/results/layerskip_speedup.json):
   acceptance_rate                   accepted / drafted tokens at the best config, LayerSkip model
   control_speedup_vs_autoregressive the same speedup for the plain twin at its own best (E, d)
   control_speedup_at_layerskip_best the plain twin at the LayerSkip model's best (E, d)
-  control_acceptance_rate, best_exit_layer, best_draft_len, tokens_per_s_*, sweep_E{E}_d{d}_*, ...
+  control_acceptance_rate, best_exit_layer, best_draft_len, best_draft_confidence, tokens_per_s_*,
+  sweep_E{E}_d{d}_c{c}_*, ...
 
 Usage: python benchmarks/layerskip_speedup.py [--quick] [--retrain] [--threads N]
 """
@@ -106,6 +112,7 @@ class Mode:
     new_tokens: int
     exits: tuple[int, ...]
     drafts: tuple[int, ...]
+    confidences: tuple[float, ...]
     warmup: int
     repeats: int
     final_repeats: int
@@ -113,10 +120,11 @@ class Mode:
 
 
 FULL = Mode(steps=2000, batch=8, lr=3e-3, prompts=6, prompt_len=64, new_tokens=128,
-            exits=(1, 2, 3, 4, 6), drafts=(2, 3, 4, 6), warmup=1, repeats=2, final_repeats=4,
+            exits=(1, 2, 3, 4), drafts=(3, 4, 6), confidences=(0.0, 0.5), warmup=1, repeats=2,
+            final_repeats=4,
             hf_defaults=True)
 QUICK = Mode(steps=150, batch=8, lr=3e-3, prompts=3, prompt_len=64, new_tokens=64,
-             exits=(2, 3, 4), drafts=(2, 4), warmup=1, repeats=2, final_repeats=2,
+             exits=(2, 3), drafts=(2, 4), confidences=(0.0, 0.5), warmup=1, repeats=2, final_repeats=2,
              hf_defaults=False)
 
 
@@ -231,20 +239,23 @@ def round_robin(contenders: dict, prompts: list[torch.Tensor], warmup: int, repe
     return {n: ([statistics.median(t) for t in times[n]], outs[n], stats[n]) for n in names}
 
 
-def ours(model, n: int, E: int | None = None, d: int | None = None):
+def ours(model, n: int, E: int | None = None, d: int | None = None, c: float = 0.0):
     if E is None:
         return lambda prompt: generate(model, prompt, n)
-    return lambda prompt: self_speculative_generate(model, prompt, n, exit_layer=E, draft_len=d)
+    return lambda prompt: self_speculative_generate(model, prompt, n, exit_layer=E, draft_len=d,
+                                                    draft_confidence=c)
 
 
-def hf_contender(hf, n: int, E: int | None = None, d: int | None = None, default_policy=False):
-    """HF greedy generate; with E, `assistant_early_exit=E` drafting d tokens per round (constant
-    schedule, no confidence stop) or, with default_policy, HF's defaults for both."""
+def hf_contender(hf, n: int, E: int | None = None, d: int | None = None, c: float = 0.0,
+                 default_policy=False):
+    """HF greedy generate; with E, `assistant_early_exit=E` drafting up to d tokens per round
+    (constant schedule) and stopping a round's drafting below confidence c, as ours does, or,
+    with default_policy, HF's defaults for both."""
     def run(prompt):
         gc = hf.generation_config
         gc.num_assistant_tokens = 20 if default_policy else d
         gc.num_assistant_tokens_schedule = "constant"
-        gc.assistant_confidence_threshold = 0.4 if default_policy else 0.0
+        gc.assistant_confidence_threshold = 0.4 if default_policy else c
         kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(prompt))
         if E is not None:
@@ -274,13 +285,13 @@ def pooled(stats) -> dict[str, float]:
             / sum(s.new_tokens for s in stats)}
 
 
-def measure(label: str, model, cfg: Config, prompts, mode: Mode, fixed: tuple[int, int] | None,
+def measure(label: str, model, cfg: Config, prompts, mode: Mode, fixed: tuple[int, int, float] | None,
             with_hf: bool, tmp: Path) -> dict:
-    """Sweep (E, d) next to autoregressive decoding, then re-time the best (and `fixed`) config
+    """Sweep (E, d, c) next to autoregressive decoding, then re-time the best (and `fixed`) config
     next to our and HF's greedy decoding and HF's early-exit assistant."""
     n = mode.new_tokens
-    grid = {f"E{E}_d{d}": ours(model, n, E, d) for E in mode.exits for d in mode.drafts
-            if E < cfg.n_layers}
+    grid = {f"E{E}_d{d}_c{c}": ours(model, n, E, d, c) for E in mode.exits for d in mode.drafts
+            for c in mode.confidences if E < cfg.n_layers}
     t0 = time.perf_counter()
     sweep = round_robin({"ar": ours(model, n), **grid}, prompts, mode.warmup, mode.repeats)
     print(f"{label}: sweep of {len(grid)} configs timed in {time.perf_counter() - t0:.0f} s",
@@ -290,8 +301,8 @@ def measure(label: str, model, cfg: Config, prompts, mode: Mode, fixed: tuple[in
     ar_sweep = tokens_per_s(sweep["ar"][0], n)
     rows = {}
     for name in grid:
-        E, d = (int(x[1:]) for x in name.split("_"))
-        rows[(E, d)] = {"tokens_per_s": tokens_per_s(sweep[name][0], n),
+        E, d, c = (float(x[1:]) for x in name.split("_"))
+        rows[(int(E), int(d), c)] = {"tokens_per_s": tokens_per_s(sweep[name][0], n),
                         "speedup": tokens_per_s(sweep[name][0], n) / ar_sweep,
                         **pooled(sweep[name][2])}
     best = max(rows, key=lambda k: rows[k]["tokens_per_s"])
@@ -354,7 +365,7 @@ def main() -> None:
                                      mode, results["layerskip"]["best"], not args.no_hf, Path(tmp))
 
     ls, ctl = results["layerskip"], results["control"]
-    E, d = ls["best"]
+    E, d, c = ls["best"]
     identical = ls["identical"] + ctl["identical"]
     hf_identical = ls["hf_identical"] + ctl["hf_identical"]
     figures: dict = {
@@ -369,8 +380,9 @@ def main() -> None:
         "control_acceptance_rate": round(ctl["best_stats"]["acceptance_rate"], 3),
         "control_acceptance_at_layerskip_best": round(
             (ctl["fixed_stats"] or ctl["best_stats"])["acceptance_rate"], 3),
-        "best_exit_layer": E, "best_draft_len": d,
+        "best_exit_layer": E, "best_draft_len": d, "best_draft_confidence": c,
         "control_best_exit_layer": ctl["best"][0], "control_best_draft_len": ctl["best"][1],
+        "control_best_draft_confidence": ctl["best"][2],
         "tokens_per_round": round(ls["best_stats"]["tokens_per_round"], 3),
         "layer_forwards_per_token": round(ls["best_stats"]["layer_forwards_per_token"], 3),
         "hf_greedy_identical": (round(sum(hf_identical) / len(hf_identical), 4)
@@ -394,9 +406,9 @@ def main() -> None:
             figures[f"{label}exit_agree_l{l}"] = round(m[f"agree/l{l}"], 3)
         figures[f"{label}train_seconds"] = round(infos[name]["train_seconds"], 1)
     for label, res in (("", ls), ("control_", ctl)):
-        for (E_, d_), row in sorted(res["rows"].items()):
-            figures[f"{label}sweep_E{E_}_d{d_}_speedup"] = round(row["speedup"], 3)
-            figures[f"{label}sweep_E{E_}_d{d_}_acceptance"] = round(row["acceptance_rate"], 3)
+        for (E_, d_, c_), row in sorted(res["rows"].items()):
+            figures[f"{label}sweep_E{E_}_d{d_}_c{c_}_speedup"] = round(row["speedup"], 3)
+            figures[f"{label}sweep_E{E_}_d{d_}_c{c_}_acceptance"] = round(row["acceptance_rate"], 3)
     figures.update(
         model_dim=SIZE["dim"], model_layers=SIZE["n_layers"],
         model_params_M=round(sum(p.numel() for p in models["layerskip"].parameters()) / 1e6, 2),
@@ -415,12 +427,12 @@ def main() -> None:
         print(f"\n{name}: self-speculative sweep, speedup over autoregressive "
               f"({res['ar_sweep']:.0f} tok/s) / acceptance rate; greedy, batch 1, "
               f"{mode.new_tokens} new tokens, {args.threads} thread(s)")
-        print(f"{'E/d':>6} " + " ".join(f"{d_:>12}" for d_ in mode.drafts))
+        print(f"{'E/d,c':>6} " + " ".join(f"{f'{d_},{c_}':>12}" for d_ in mode.drafts for c_ in mode.confidences))
         for E_ in mode.exits:
-            cells = [f"{res['rows'][(E_, d_)]['speedup']:5.2f}x /{res['rows'][(E_, d_)]['acceptance_rate']:4.2f}"
-                     for d_ in mode.drafts]
+            cells = [f"{res['rows'][(E_, d_, c_)]['speedup']:5.2f}x /{res['rows'][(E_, d_, c_)]['acceptance_rate']:4.2f}"
+                     for d_ in mode.drafts for c_ in mode.confidences]
             print(f"{E_:>6} " + " ".join(f"{c:>12}" for c in cells))
-        print(f"\n{name}: re-timed at best E={res['best'][0]} d={res['best'][1]}")
+        print(f"\n{name}: re-timed at best E={res['best'][0]} d={res['best'][1]} c={res['best'][2]}")
         for k, v in res["tps"].items():
             print(f"  {k:24s} {v:8.1f} tokens/s")
     print("\ngreedy continuations of the held-out prompts (LayerSkip model | control), as repr:")

@@ -201,7 +201,8 @@ def self_speculative_generate(
         model: nn.Module, prompt_1T: torch.Tensor, max_new_tokens: int, *, exit_layer: int,
         draft_len: int, temperature: float = 0.0, top_p: float = 1.0,
         stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-        on_round: Callable[[list[int], KVCache], None] | None = None
+        on_round: Callable[[list[int], KVCache], None] | None = None,
+        draft_confidence: float = 0.0
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Self-speculative decoding: draft with layers [0, exit_layer), verify with the rest.
 
@@ -217,6 +218,11 @@ def self_speculative_generate(
         generator: a CPU torch.Generator for sampling (sampling runs on the CPU).
         on_round: called after every round with (all tokens so far, the cache); the cache then
             holds every position but the last for every layer.
+        draft_confidence: stop drafting early in a round once a draft's probability under the
+            early exit (the top one when greedy) falls below this (0 = always draft d), so that
+            drafts likely to be rejected cost no early-layer passes. Not in the paper (it drafts
+            a fixed d); Hugging Face's `assistant_confidence_threshold` does the same. The output
+            is unaffected: every draft is still verified.
     Returns:
         (tokens [1, T + n], stats) with n <= max_new_tokens.
     """
@@ -228,6 +234,8 @@ def self_speculative_generate(
         raise ValueError(f"exit_layer must be in [1, {L - 1}], got {E}")
     if draft_len < 1:
         raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+    if not 0.0 <= draft_confidence < 1.0:
+        raise ValueError(f"draft_confidence must be in [0, 1), got {draft_confidence}")
     device, stop = prompt_1T.device, set(int(t) for t in stop_tokens)
     sampling = temperature > 0
     stats = GenerationStats()
@@ -258,10 +266,12 @@ def self_speculative_generate(
                 q = distribution(row, temperature, top_p).cpu()
                 token = int(torch.multinomial(q, 1, generator=generator))
                 q_rows.append(q)
+                unsure = draft_confidence and float(q[token]) < draft_confidence
             else:
                 token = int(row.argmax())
+                unsure = draft_confidence and float(torch.softmax(row, -1)[token]) < draft_confidence
             drafts.append(token)
-            if token in stop:
+            if token in stop or unsure:
                 break
         k = len(drafts)
         hiddens.append(feed_early(drafts[-1], head=False)[1])

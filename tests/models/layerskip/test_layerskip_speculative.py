@@ -50,6 +50,24 @@ def test_greedy_self_speculative_equals_greedy_autoregressive(model, prompt, E, 
     assert st.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("confidence", [0.5, 0.99])
+def test_a_draft_confidence_stop_drafts_less_and_changes_no_token(model, prompt, confidence):
+    """Stopping a round's drafting at an unsure draft saves early passes, never output tokens."""
+    want, _ = generate(model, prompt, 23)
+    _, full = self_speculative_generate(model, prompt, 23, exit_layer=2, draft_len=8)
+    got, st = self_speculative_generate(model, prompt, 23, exit_layer=2, draft_len=8,
+                                        draft_confidence=confidence)
+    assert torch.equal(got, want)
+    assert st.drafted / st.rounds < full.drafted / full.rounds
+    if confidence == 0.99:  # a random 64-way exit is never that sure: one draft per round
+        assert st.drafted == st.rounds
+    torch.manual_seed(0)
+    sampled, _ = self_speculative_generate(model, prompt, 23, exit_layer=2, draft_len=8, temperature=1.0,
+                                           draft_confidence=confidence,
+                                           generator=torch.Generator().manual_seed(3))
+    assert sampled.shape == (1, 30)
+
+
 @pytest.mark.parametrize("d", [1, 3, 8])
 def test_identity_upper_layers_accept_every_draft(prompt, d):
     model = identity_above(random_model(), L // 2)
@@ -183,3 +201,5 @@ def test_bad_arguments_are_refused(model, prompt):
         self_speculative_generate(model, prompt, 3, exit_layer=L, draft_len=2)
     with pytest.raises(ValueError, match="draft_len"):
         self_speculative_generate(model, prompt, 3, exit_layer=2, draft_len=0)
+    with pytest.raises(ValueError, match="draft_confidence"):
+        self_speculative_generate(model, prompt, 3, exit_layer=2, draft_len=2, draft_confidence=1.0)
