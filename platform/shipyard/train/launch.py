@@ -205,7 +205,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     if latest and run_dir.startswith("s3://"):
         latest = "s3://" + latest
     # A run stopped early (Ctrl-C, --stop-at) is KILLED in MLflow's terms until resumed to its end.
-    status = "FAILED" if error else ("FINISHED" if last.get("step") == spec.train.steps else "KILLED")
+    done_at = last.get("step")
+    if done_at is None and latest and error is None:  # resumed at its end: nothing was left to run
+        done_at = int(latest.rstrip("/").rsplit("-", 1)[-1])
+    status = "FAILED" if error else ("FINISHED" if done_at == spec.train.steps else "KILLED")
     if latest:
         tracker.set_tag("checkpoint", latest)
     tracker.finish(status, last, plots=MODELS[spec.family].plots)

@@ -52,6 +52,9 @@ class SchedulerSpec:
     """PBT: the space's fields it perturbs (default: all of them); the rest stay as sampled."""
     quantile_fraction: float = 0.25
     """PBT: the bottom fraction of trials clones the top fraction at each decision."""
+    synch: bool = False
+    """PBT: decide only once every trial has reached the decision step (the ones there first
+    pause and free their resources), so the decision never depends on which trial ran first."""
     resample_probability: float = 0.25
     """PBT: chance that a perturbed field is resampled from its distribution instead of being
     scaled by 0.8/1.2 (ranges) or moved to a neighbouring value (lists)."""

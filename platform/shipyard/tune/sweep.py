@@ -276,7 +276,7 @@ def _scheduler(sweep: SweepSpec):
         return tune.schedulers.PopulationBasedTraining(
             time_attr="step", perturbation_interval=s.perturbation_interval or job.train.checkpoint_every,
             hyperparam_mutations={p: _mutation(t.space[p]) for p in mutate},
-            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability)
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability, synch=s.synch)
     return None
 
 
@@ -394,6 +394,15 @@ def _trial(config: dict, *, job_raw: dict, parent_id: str, sweep_name: str, run_
     if result.error is not None:
         raise RuntimeError(f"trial run {run_name} failed: {result.error}")
     state.update(mlflow_run_id=result.run_id, checkpoint=result.checkpoint or "", status=result.status)
+    if metric not in state and result.checkpoint:
+        # A restarted trial whose run had already reached its end (it ran on while Tune paused
+        # it) logs nothing new: its last checkpoint's metadata has the step and metrics it ended with.
+        from shipyard.train.storage import filesystem
+        fs, path = filesystem(result.checkpoint, spec.storage)
+        with fs.open_input_stream(f"{path}/{ckpt.META}") as f:
+            meta = json.loads(f.read())
+        state.update(step=meta["step"], **{k: v for k, v in (meta.get("metrics") or {}).items()
+                                           if isinstance(v, (int, float))})
     if metric in state:
         tune.report(dict(state), checkpoint=pointer(result.checkpoint, int(state.get("step", 0)))
                     if result.checkpoint else None)
