@@ -25,8 +25,13 @@ TINY = {
 }
 
 
-def write_checkpoints(runs: Path, families=("layerskip", "minrnn"), seed: int = 0) -> dict[str, Path]:
-    """{family: checkpoint directory}; run names are `serve-<family>`."""
+def write_checkpoints(runs: Path, families=("layerskip", "minrnn"), seed: int = 0,
+                      jobs: dict[str, dict] | None = None) -> dict[str, Path]:
+    """{family: checkpoint directory}; run names are `serve-<family>`.
+
+    `jobs` gives a family's own job blocks ({"model": {...}, "data": {...}, and any other top-level
+    block such as "laplace"}, the family name added to "model")
+    in place of the byte-LM defaults, for the families whose endpoints are tested elsewhere."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,9 +43,11 @@ def write_checkpoints(runs: Path, families=("layerskip", "minrnn"), seed: int = 
     out = {}
     try:
         for family in families:
-            spec = parse_job({"name": f"serve-{family}", "model": {"family": family, **TINY[family]},
-                              "data": {"seq_len": 16}, "train": {"steps": 1, "batch_size": 2},
-                              "scaling": {"num_workers": 1}})
+            blocks = (jobs or {}).get(family) or {"model": TINY[family], "data": {"seq_len": 16}}
+            extra = {k: v for k, v in blocks.items() if k not in ("model", "data")}  # e.g. laplace:
+            spec = parse_job({"name": f"serve-{family}", "model": {"family": family, **blocks["model"]},
+                              "data": blocks.get("data", {}), "train": {"steps": 1, "batch_size": 2},
+                              "scaling": {"num_workers": 1}, **extra})
             torch.manual_seed(seed)
             model = MODELS[family].build(spec.model)
             engine = parallelize(model, spec, MODELS[family].shard_units(model), torch.device("cpu"))

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from fastapi import Request  # at module level: FastAPI resolves the route's annotation here
 from ray import serve
 
-from . import lm
+from . import classify, fields, lm
 from .protocol import ApiError, Endpoint, error_body, parse
 
 log = logging.getLogger("shipyard.serve")
@@ -38,6 +38,12 @@ ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
                            "Complete a prompt (self-speculative decoding by default)"),),
     "minrnn": (Endpoint("/v1/completions", lm.CompletionRequest, lm.complete_minrnn,
                         "Complete a prompt"),),
+    "tokenformer": (Endpoint("/v1/completions", lm.CompletionRequest, lm.complete_tokenformer,
+                             "Complete a prompt"),),
+    "upt": (Endpoint("/v1/fields", fields.FieldsRequest, fields.predict, fields.SUMMARY,
+                     prepare=fields.prepare, describe=fields.describe),),
+    "laplace": (Endpoint("/v1/classify", classify.ClassifyRequest, classify.classify,
+                         classify.SUMMARY, prepare=classify.prepare, describe=classify.describe),),
 }
 """family -> the POST endpoints it serves. A family adds its endpoint here, nowhere else."""
 
@@ -122,6 +128,8 @@ class Served:
     options: ServeOptions
     model_id: str
     endpoints: tuple[Endpoint, ...] = field(default_factory=tuple)
+    state: dict = field(default_factory=dict)
+    """What the endpoints' `prepare` computed at load time (see `Endpoint`)."""
 
 
 def load(options: ServeOptions) -> Served:
@@ -136,8 +144,12 @@ def load(options: ServeOptions) -> Served:
     if spec.family not in ENDPOINTS:
         raise ValueError(f"family {spec.family!r} has no serving endpoints yet; served families: "
                          f"{', '.join(sorted(ENDPOINTS))}")
-    return Served(model=model, spec=spec, step=meta.step, options=options,
-                  model_id=options.run_name or spec.name, endpoints=ENDPOINTS[spec.family])
+    served = Served(model=model, spec=spec, step=meta.step, options=options,
+                    model_id=options.run_name or spec.name, endpoints=ENDPOINTS[spec.family])
+    for endpoint in served.endpoints:
+        if endpoint.prepare is not None:
+            endpoint.prepare(served)
+    return served
 
 
 # ---- the HTTP app -----------------------------------------------------------------------------
@@ -164,7 +176,8 @@ def make_app(served: Served, token_sha256: str | None):
             "config": spec.to_dict()["model"],
             "endpoints": [e.path for e in served.endpoints],
             "limits": {"max_tokens": o.max_tokens, "max_body_bytes": o.max_body_bytes},
-            "auth": token_sha256 is not None}]}
+            "auth": token_sha256 is not None,
+            **{spec.family: e.describe(served) for e in served.endpoints if e.describe}}]}
 
     for endpoint in served.endpoints:
         _add(app, served, endpoint)

@@ -1,4 +1,4 @@
-"""`/v1/completions` for the byte-level language models (LayerSkip, minRNN), OpenAI-compatible.
+"""`/v1/completions` for the byte-level language models (LayerSkip, TokenFormer, minRNN), OpenAI-compatible.
 
 Each family contributes a token stream, `Iterator[list[int]]` of newly generated tokens, and one
 function turns any such stream into the response: incremental UTF-8 decoding (invalid bytes
@@ -9,6 +9,8 @@ by construction; the tests check it over HTTP anyway.
 
 Token streams:
 * minRNN: the prompt through the parallel scan, then one `step` per token (as `MinRNNLM.generate`).
+* TokenFormer: the model has no KV cache, so each token reruns the whole sequence so far (as
+  `TokenFormerLM.generate`); prompt + max_tokens must fit its `max_seq_len`, which bounds the cost.
 * LayerSkip plain: prefill with the KV cache, then one token per forward (as `generate`), through
   all layers or, with `exit_layer` and `speculative: false`, the first `exit_layer` (early exit).
 * LayerSkip self-speculative (the default): `self_speculative_generate` itself, run in a helper
@@ -104,6 +106,16 @@ def layerskip_tokens(model, prompt_T: torch.Tensor, n: int, choose: Sampler,
         if i < n - 1:
             logits, _ = model(torch.tensor([[token]], device=prompt_T.device), cache=cache,
                               end_layer=end_layer)
+
+
+@torch.no_grad()
+def tokenformer_tokens(model, prompt_T: torch.Tensor, n: int, choose: Sampler) -> Iterator[list[int]]:
+    seq_BT = prompt_T[None]
+    for i in range(n):
+        token = choose(model(seq_BT)[0, -1])
+        yield [token]
+        if i < n - 1:
+            seq_BT = torch.cat([seq_BT, seq_BT.new_tensor([[token]])], dim=1)
 
 
 class _Cancelled(Exception):
@@ -289,6 +301,12 @@ def complete_minrnn(served, req: CompletionRequest):
     prompt, choose = _check_common(served, req)
     return _respond(served, req, minrnn_tokens(served.model, prompt, req.max_tokens, choose),
                     len(prompt), lambda: {"decoding": "recurrent"})
+
+
+def complete_tokenformer(served, req: CompletionRequest):
+    prompt, choose = _check_common(served, req)
+    return _respond(served, req, tokenformer_tokens(served.model, prompt, req.max_tokens, choose),
+                    len(prompt), lambda: {"decoding": "full_recompute"})
 
 
 def complete_layerskip(served, req: LayerSkipCompletionRequest):

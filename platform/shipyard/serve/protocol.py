@@ -87,12 +87,19 @@ class Endpoint:
             JSON response, or an iterator of server-sent-event strings (`sse(...)`) to stream.
             Raise ApiError for a client mistake.
         summary: one line for /docs.
+        prepare: `prepare(served)`, run once when the replica loads the checkpoint, for what the
+            handler needs beyond the weights (a fitted posterior, data statistics); it keeps them
+            in `served.state`. A failure fails the replica's start, not a request.
+        describe: `describe(served) -> dict`, what /v1/models shows of that state (under the
+            family's name).
     """
 
     path: str
     request: type[Strict]
     handle: Callable[[Any, Any], Any]
     summary: str
+    prepare: Callable[[Any], None] | None = None
+    describe: Callable[[Any], dict] | None = None
 
 
 __all__ = ["ApiError", "Endpoint", "Strict", "parse", "sse", "error_body"]
