@@ -5,6 +5,11 @@ VENV ?= .venv
 #   TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# laplace-torch, the reference the Laplace tests compare against: installed without its declared
+# torchvision (whose wheel here does not load against the CPU torch; laplace-torch never imports it)
+LAPLACE_TORCH := laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 \
+  curvlinops-for-pytorch==3.0.1 einconv==0.1.0 unfoldNd==0.2.3 linear_operator==0.6.1 \
+  torchmetrics==1.9.0 lightning-utilities==0.15.3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shipyard-installed
 
@@ -17,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps $(LAPLACE_TORCH)
 	$(BIN)/python -c "import torch, ray, mlflow, deepspeed; print('torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
 	touch $(STAMP)
 
