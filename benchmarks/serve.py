@@ -20,12 +20,19 @@ server, and the server answers every request (zero 5xx) under concurrent load.
    from other processes hits both alike), each client a thread with its own HTTP session.
    Latency = wall time of one request from send to the whole body received.
 
+4. Request batching: a minRNN of the same width (randomly initialised; decoding cost does not
+   depend on the weights) served twice from one checkpoint, its decoding steps batched across
+   concurrent requests (`max_batch` 16, the default: `shipyard.serve.lm.StepBatcher`) and not
+   (`max_batch` 1), the same greedy requests at 1, 4, 16 clients in alternating rounds.
+
 Figures (benchmarks/results/serve.json):
   rps_ratio_self_speculative_vs_plain   requests/s self-speculative / plain, 1 client (the
                                         latency-bound regime the paper's claim is about)
   rps_ratio_c{1,4,16}                   the same ratio at each concurrency
   p99_ms_16_clients                     p99 latency (ms) at 16 clients, self-speculative (the default)
   errors_5xx                            responses >= 500 over the whole run (must be 0)
+  rps_ratio_minrnn_batched_vs_unbatched_c16   minRNN requests/s with step batching / without,
+                                        16 clients (rps_ratio_minrnn_batched_c{1,4,16} per level)
   rps_*, p50_ms_*, p99_ms_*             per mode and concurrency; acceptance_rate (server-reported)
 
 Usage: python benchmarks/serve.py [--quick] [--checkpoint TARGET]
@@ -75,6 +82,7 @@ def trained_weights(quick: bool):
 def write_checkpoint(model, raw_spec: dict, runs: Path) -> Path:
     """The platform's checkpoint writer, in a one-process gloo group."""
     import torch.distributed as dist
+    from shipyard.registry import MODELS
     from shipyard.spec import parse_job
     from shipyard.train import checkpoint as ckpt
     from shipyard.train.parallelize import parallelize
@@ -84,10 +92,10 @@ def write_checkpoint(model, raw_spec: dict, runs: Path) -> Path:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         spec = parse_job(raw_spec)
-        engine = parallelize(model, spec, list(model.layers), torch.device("cpu"))
-        directory = runs / "serve-bench" / ckpt.dir_name(0)
+        engine = parallelize(model, spec, MODELS[spec.family].shard_units(model), torch.device("cpu"))
+        directory = runs / raw_spec["name"] / ckpt.dir_name(0)
         ckpt.write(directory, engine, ckpt.Meta(step=raw_spec["train"]["steps"], batches=0,
-                                                family="layerskip", strategy="ddp", world_size=1,
+                                                family=spec.family, strategy="ddp", world_size=1,
                                                 spec=spec.to_dict()), rank=0)
     finally:
         dist.destroy_process_group()
@@ -120,6 +128,68 @@ def run_cell(url: str, bodies: list[dict], clients: int) -> dict:
         results = list(pool.map(one, bodies))
     return {"wall": time.perf_counter() - start, "codes": [c for c, _, _ in results],
             "latencies": [t for _, t, _ in results], "usage": [u for _, _, u in results]}
+
+
+MINRNN = {"vocab_size": 256, "dim": 128, "depth": 4, "expansion": 2.0}
+"""The batching contender: a minRNN of LayerSkip's width, randomly initialised (decoding cost does
+not depend on the weights: the requests have no stop strings and always run to max_tokens)."""
+
+
+def minrnn_batching(prompts: list[str], max_tokens: int, per_client_round: int) -> dict:
+    """The same minRNN checkpoint served twice, steps batched across requests (max_batch 16, the
+    default) and not (max_batch 1); greedy completions at 1, 4 and 16 clients in alternating
+    rounds. Returns rps / p99 per setting and the batched/unbatched request-rate ratios."""
+    from ray import serve
+    from shipyard.registry import MODELS
+    from shipyard.serve import app as serving
+    from shipyard.spec import parse_job
+    raw = {"name": "serve-bench-minrnn", "model": {"family": "minrnn", **MINRNN}, "data": {"seq_len": 64},
+           "train": {"steps": 1, "batch_size": 1}, "scaling": {"num_workers": 1}}
+    torch.manual_seed(0)
+    model = MODELS["minrnn"].build(parse_job(raw).model)
+    settings = {"batched": 16, "unbatched": 1}
+    cells: dict[tuple[str, int], list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="serve-bench-minrnn-") as tmp:
+        checkpoint = str(write_checkpoint(model, raw, Path(tmp)))
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run_many([serve.RunTarget(serving.build_app(serving.ServeOptions(
+            checkpoint=checkpoint, run_name=f"minrnn-{name}", max_batch=b).to_dict()),
+            name=f"minrnn-{name}", route_prefix=f"/{name}") for name, b in settings.items()])
+        urls = {name: f"http://127.0.0.1:{port}/{name}" for name in settings}
+        try:
+            for name in settings:
+                run_cell(urls[name], [{"prompt": prompts[0], "max_tokens": 4}], 1)  # warm-up
+            for clients in CLIENTS:
+                for rnd in range(2):
+                    for name in (list(settings) if rnd % 2 == 0 else list(settings)[::-1]):
+                        bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                                   "temperature": 0} for i in range(clients * per_client_round)]
+                        cells.setdefault((name, clients), []).append(run_cell(urls[name], bodies, clients))
+            import requests
+            largest = requests.get(urls["batched"] + "/v1/models", timeout=30).json()[
+                "data"][0]["minrnn"]["batching"]["largest_batch"]
+        finally:
+            serve.shutdown()
+    out: dict = {"minrnn_largest_batch": largest}
+    print(f"\nminRNN over Ray Serve (dim {MINRNN['dim']}, depth {MINRNN['depth']}): decoding steps "
+          f"batched across requests (max_batch 16) vs not; greedy, {max_tokens} new tokens")
+    print(f"{'clients':>8} {'setting':>17} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    bad = 0
+    for clients in CLIENTS:
+        for name in settings:
+            runs = cells[(name, clients)]
+            lat = [t for r in runs for t in r["latencies"]]
+            bad += sum(c >= 500 for r in runs for c in r["codes"])
+            rps = len(lat) / sum(r["wall"] for r in runs)
+            out[f"rps_minrnn_{name}_c{clients}"] = round(rps, 2)
+            out[f"p99_ms_minrnn_{name}_c{clients}"] = round(1000 * pct(lat, 0.99), 1)
+            print(f"{clients:>8} {name:>17} {rps:8.2f} {1000 * statistics.median(lat):8.0f} "
+                  f"{1000 * pct(lat, 0.99):8.0f}")
+        out[f"rps_ratio_minrnn_batched_c{clients}"] = round(
+            out[f"rps_minrnn_batched_c{clients}"] / out[f"rps_minrnn_unbatched_c{clients}"], 3)
+    out["minrnn_5xx"] = bad
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -189,14 +259,17 @@ def main() -> None:
                   f"{1000 * pct(lat, 0.99):8.0f} {bad:>5}")
         figures[f"rps_ratio_c{clients}"] = round(
             figures[f"rps_self_speculative_c{clients}"] / figures[f"rps_plain_c{clients}"], 3)
+    batching = minrnn_batching(prompts, max_tokens, per_client_round)
+    minrnn_5xx = batching.pop("minrnn_5xx")
     usage = [u for r in cells[("self_speculative", 1)] for u in r["usage"] if u]
     drafted = sum(u["drafted_tokens"] for u in usage)
     figures = {"rps_ratio_self_speculative_vs_plain": figures["rps_ratio_c1"],
                "p99_ms_16_clients": figures["p99_ms_self_speculative_c16"],
-               "errors_5xx": sum(c >= 500 for cs in cells.values() for r in cs for c in r["codes"]),
+               "errors_5xx": sum(c >= 500 for cs in cells.values() for r in cs for c in r["codes"]) + minrnn_5xx,
                "non_200": errors,
                "acceptance_rate": round(sum(u["accepted_tokens"] for u in usage) / drafted, 3) if drafted else 0.0,
-               **figures, "exit_layer": E, "num_speculations": d, "max_tokens": max_tokens,
+               "rps_ratio_minrnn_batched_vs_unbatched_c16": batching["rps_ratio_minrnn_batched_c16"],
+               **figures, **batching, "exit_layer": E, "num_speculations": d, "max_tokens": max_tokens,
                "model_train_steps": steps if not args.checkpoint else None,
                "quick": args.quick, "cores": os.cpu_count()}
     print(f"total {time.perf_counter() - started:.0f} s")

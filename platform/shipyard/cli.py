@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-body-bytes", type=int, default=65536, help="largest request body (bigger: 413)")
     p.add_argument("--exit-layer", type=int, help="LayerSkip: default draft layers (default L // 3)")
     p.add_argument("--num-speculations", type=int, default=4, help="LayerSkip: default drafts per round")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="minRNN: concurrent requests whose decoding steps run as one batch (1: off)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="logical CPUs per replica")
     p.add_argument("--config", metavar="OUT.yaml", help="write a Serve config file (`serve deploy OUT.yaml`) "
                                                        "instead of serving")
@@ -442,7 +444,7 @@ def cmd_serve(args) -> int:
             registered_model=target.registered_model, max_tokens=args.max_tokens,
             max_body_bytes=args.max_body_bytes, token_sha256=serving.token_hash(token) if token else None,
             exit_layer=args.exit_layer, num_speculations=args.num_speculations, replicas=args.replicas,
-            autoscaling=autoscaling, num_cpus=args.num_cpus)
+            autoscaling=autoscaling, num_cpus=args.num_cpus, max_batch=args.max_batch)
     except ValueError as e:
         from rich.markup import escape
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)

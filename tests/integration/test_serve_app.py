@@ -247,6 +247,28 @@ def test_load_16_clients_200_requests_no_5xx(apps):
     assert codes == [200] * 200
 
 
+def test_minrnn_steps_of_concurrent_requests_are_batched_and_answers_unchanged(apps):
+    """8 clients at once on the minRNN app: its StepBatcher runs their decoding steps as one
+    batch (the replica reports the largest batch it ran) and each greedy answer still equals
+    the model's own `generate` for that prompt alone."""
+    prompts = [f"x = {i} * y\n" for i in range(8)]
+    before = requests.get(apps["minrnn"] + "/v1/models", timeout=30).json()["data"][0]["minrnn"]["batching"]
+
+    def one(prompt):
+        return post(apps, {"prompt": prompt, "max_tokens": 24, "temperature": 0}, base=apps["minrnn"])
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, prompts))
+    after = requests.get(apps["minrnn"] + "/v1/models", timeout=30).json()["data"][0]["minrnn"]["batching"]
+    model = apps["models"]["minrnn"]
+    for prompt, r in zip(prompts, answers):
+        tokens = encode(prompt)[None]
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == decode(
+            model.generate(tokens, 24)[0, tokens.shape[1]:]), prompt
+    assert after["max_batch"] == 16 and after["steps"] > before["steps"]
+    assert after["largest_batch"] > 1, after  # 8 concurrent 24-token decodings overlapped
+
+
 def test_fuzz_from_the_openapi_schema_finds_no_5xx(apps):
     schema = requests.get(apps["url"] + "/openapi.json", timeout=30).json()
     statuses: dict[int, int] = {}

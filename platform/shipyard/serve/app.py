@@ -37,7 +37,7 @@ ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
     "layerskip": (Endpoint("/v1/completions", lm.LayerSkipCompletionRequest, lm.complete_layerskip,
                            "Complete a prompt (self-speculative decoding by default)"),),
     "minrnn": (Endpoint("/v1/completions", lm.CompletionRequest, lm.complete_minrnn,
-                        "Complete a prompt"),),
+                        "Complete a prompt", prepare=lm.prepare_minrnn, describe=lm.describe_minrnn),),
     "tokenformer": (Endpoint("/v1/completions", lm.CompletionRequest, lm.complete_tokenformer,
                              "Complete a prompt"),),
     "upt": (Endpoint("/v1/fields", fields.FieldsRequest, fields.predict, fields.SUMMARY,
@@ -70,6 +70,9 @@ class ServeOptions:
     """LayerSkip: default draft layers E (None: max(1, L // 3), as `shipyard report`)."""
     num_speculations: int = 4
     """LayerSkip: default drafts per round."""
+    max_batch: int = 16
+    """Recurrent LMs (minRNN): most concurrent requests whose decoding steps run as one batch
+    (`lm.StepBatcher`); 1 = no batching."""
     replicas: int = 1
     autoscaling: list[int] | None = None
     """[min_replicas, max_replicas]: Serve's autoscaler instead of a fixed `replicas`."""
@@ -81,7 +84,8 @@ class ServeOptions:
     """torch threads per replica."""
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_body_bytes", "num_speculations", "replicas", "threads"):
+        for name in ("max_tokens", "max_body_bytes", "num_speculations", "max_batch", "replicas",
+                     "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -8,7 +8,8 @@ non-streaming answer is the same pieces joined, so streaming and non-streaming g
 by construction; the tests check it over HTTP anyway.
 
 Token streams:
-* minRNN: the prompt through the parallel scan, then one `step` per token (as `MinRNNLM.generate`).
+* minRNN: the prompt through the parallel scan, then one `step` per token (as `MinRNNLM.generate`);
+  the steps of concurrent requests run as one batch (`StepBatcher`, `max_batch` server option).
 * TokenFormer: the model has no KV cache, so each token reruns the whole sequence so far (as
   `TokenFormerLM.generate`); prompt + max_tokens must fit its `max_seq_len`, which bounds the cost.
 * LayerSkip plain: prefill with the KV cache, then one token per forward (as `generate`), through
@@ -84,15 +85,88 @@ class Sampler:
 # ---- token streams -------------------------------------------------------------------------
 
 @torch.no_grad()
-def minrnn_tokens(model, prompt_T: torch.Tensor, n: int, choose: Sampler) -> Iterator[list[int]]:
+def minrnn_tokens(model, prompt_T: torch.Tensor, n: int, choose: Sampler,
+                  step: Callable | None = None) -> Iterator[list[int]]:
+    """`step(token, state [L, 1, E]) -> (logits [V], state)`: a `StepBatcher`'s, or the model's."""
+    step = step or (lambda token, state: _one_step(model, token, state))
     logits_BTV, state = model(prompt_T[None])
     logits_V = logits_BTV[0, -1]
     for i in range(n):
         token = choose(logits_V)
         yield [token]
         if i < n - 1:
-            logits_BV, state = model.step(torch.tensor([token], device=prompt_T.device), state)
-            logits_V = logits_BV[0]
+            logits_V, state = step(token, state)
+
+
+def _one_step(model, token: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits_BV, state = model.step(torch.tensor([token], device=state.device), state)
+    return logits_BV[0], state
+
+
+class StepBatcher:
+    """Continuous batching of recurrent decoding steps across concurrent requests.
+
+    A recurrent LM's state has a fixed size whatever the context length (minRNN: [L, B, E]), so
+    the decoding steps of different requests stack along B with no padding. Each request's
+    thread hands (token, state) to `step` and waits; one worker thread takes whatever is queued
+    when it is free (at most `max_batch`), runs one `model.step` on the stack and hands each row
+    back. Nothing waits for a batch to fill: a lone request runs at batch 1 with no added delay,
+    and under concurrency the steps queued while a batch computes form the next one. Prompts are
+    still prefilled per request (the parallel scan; their lengths differ). Results equal the
+    unbatched ones up to float rounding of the batched matrix products (~1e-7), so a greedy
+    argmax can differ only at a near-tie.
+    """
+
+    def __init__(self, model, max_batch: int):
+        self.model, self.max_batch = model, max_batch
+        self.queue: queue.Queue = queue.Queue()
+        self.steps = self.batched_rows = self.largest = 0
+        threading.Thread(target=self._work, daemon=True, name="step-batcher").start()
+
+    def step(self, token: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        item = {"token": token, "state": state, "done": threading.Event()}
+        self.queue.put(item)
+        item["done"].wait()
+        if "error" in item:
+            raise item["error"]
+        return item["result"]
+
+    def _work(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with torch.no_grad():
+                    tokens = torch.tensor([item["token"] for item in batch])
+                    logits_BV, state = self.model.step(tokens, torch.cat([item["state"] for item in batch], 1))
+                for i, item in enumerate(batch):
+                    item["result"] = (logits_BV[i], state[:, i:i + 1])
+            except Exception as e:  # every waiting request fails with it; the worker goes on
+                for item in batch:
+                    item["error"] = e
+            self.steps += 1
+            self.batched_rows += len(batch)
+            self.largest = max(self.largest, len(batch))
+            for item in batch:
+                item["done"].set()
+
+    def stats(self) -> dict:
+        return {"max_batch": self.max_batch, "steps": self.steps, "largest_batch": self.largest,
+                "mean_batch": self.batched_rows / self.steps if self.steps else 0.0}
+
+
+def prepare_minrnn(served) -> None:
+    if served.options.max_batch > 1:
+        served.state["batcher"] = StepBatcher(served.model, served.options.max_batch)
+
+
+def describe_minrnn(served) -> dict:
+    batcher = served.state.get("batcher")
+    return {"batching": batcher.stats() if batcher else {"max_batch": 1}}
 
 
 @torch.no_grad()
@@ -299,8 +373,9 @@ def _check_common(served, req: CompletionRequest) -> tuple[torch.Tensor, Sampler
 
 def complete_minrnn(served, req: CompletionRequest):
     prompt, choose = _check_common(served, req)
-    return _respond(served, req, minrnn_tokens(served.model, prompt, req.max_tokens, choose),
-                    len(prompt), lambda: {"decoding": "recurrent"})
+    batcher = served.state.get("batcher")
+    tokens = minrnn_tokens(served.model, prompt, req.max_tokens, choose, batcher and batcher.step)
+    return _respond(served, req, tokens, len(prompt), lambda: {"decoding": "recurrent"})
 
 
 def complete_tokenformer(served, req: CompletionRequest):
