@@ -10,6 +10,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One intra-op thread in the test process: CI has 2 cores, shared with the Ray workers the tests
+# start, and two threads on tiny tensors only add contention (tests that compare against a Serve
+# replica or a Ray worker need the same kernels anyway, and those run with one thread).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
