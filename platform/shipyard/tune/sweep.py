@@ -356,12 +356,14 @@ def _trial(config: dict, *, job_raw: dict, parent_id: str, sweep_name: str, run_
     every, total = spec.train.checkpoint_every, spec.train.steps
     held: dict | None = None  # a metric report waiting for its step's checkpoint
 
-    def pointer(path: str, step: int):
-        d = Path(tempfile.mkdtemp(prefix="shipyard-trial-"))
-        (d / POINTER).write_text(json.dumps({
-            "trial_id": trial_id, "run_id": state.get("mlflow_run_id"), "run_name": state.get("run_name"),
-            "checkpoint": path, "step": step}))
-        return tune.Checkpoint.from_directory(str(d))
+    def report_with_pointer(metrics: dict, path: str, step: int) -> None:
+        # tune.report persists the checkpoint to the trial's storage before it returns, so the
+        # local pointer directory can go right after
+        with tempfile.TemporaryDirectory(prefix="shipyard-trial-") as d:
+            (Path(d) / POINTER).write_text(json.dumps({
+                "trial_id": trial_id, "run_id": state.get("mlflow_run_id"),
+                "run_name": state.get("run_name"), "checkpoint": path, "step": step}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     while (record := records.get()) is not None:
         event = record.get("event")
@@ -375,7 +377,7 @@ def _trial(config: dict, *, job_raw: dict, parent_id: str, sweep_name: str, run_
             report["checkpoint"] = record["path"]
             held = None
             if metric in report:
-                tune.report(report, checkpoint=pointer(record["path"], record["step"]))
+                report_with_pointer(report, record["path"], record["step"])
         elif event is None:
             state.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if metric in record:  # schedulers compare trials on reports that carry the metric
@@ -403,9 +405,10 @@ def _trial(config: dict, *, job_raw: dict, parent_id: str, sweep_name: str, run_
             meta = json.loads(f.read())
         state.update(step=meta["step"], **{k: v for k, v in (meta.get("metrics") or {}).items()
                                            if isinstance(v, (int, float))})
-    if metric in state:
-        tune.report(dict(state), checkpoint=pointer(result.checkpoint, int(state.get("step", 0)))
-                    if result.checkpoint else None)
+    if metric in state and result.checkpoint:
+        report_with_pointer(dict(state), result.checkpoint, int(state.get("step", 0)))
+    elif metric in state:
+        tune.report(dict(state))
 
 
 def _read_pointer(checkpoint) -> dict | None:
