@@ -41,10 +41,12 @@ ICLA's prior precision, the two variants of the reference code:
   on the weights alone) was rejected: it ignores the data and depends only on the weight norm.
 
 Deviations: no temperature and no regression likelihood; a scalar (isotropic) prior only; the KFAC
-factors are computed in closed form from the features (laplace-torch uses a curvature backend, which
-for a linear layer with the softmax GGN gives the same factors up to the 1/N placement, a convention
-that changes nothing after the product). The grid for `val` is log-uniform, not laplace-torch's
-default list.
+factors are computed in closed form from the features (laplace-torch's curvlinops backend gives the
+same G and the same 1/N-scaled A). KFAC and the bias: we fold the bias into A (features augmented by
+1), so KFAC couples weights and bias; laplace-torch gives the bias its own block G with no
+weight-bias cross curvature. With the bias folded into a bias-free head over [phi, 1] the two agree
+exactly (tests/models/laplace/test_laplace_reference_parity.py). The grid for `val` is log-uniform,
+not laplace-torch's default list.
 
 Legend: N samples, D feature dim (with the bias 1), C classes, P = C * D parameters, S MC samples.
 """
