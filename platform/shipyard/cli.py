@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-speculations", type=int, default=4, help="LayerSkip: default drafts per round")
     p.add_argument("--max-batch", type=int, default=16,
                    help="minRNN: concurrent requests whose decoding steps run as one batch (1: off)")
+    p.add_argument("--max-atoms", type=int, default=256,
+                   help="Allegro / Matformer: most atoms in one posted structure")
     p.add_argument("--num-cpus", type=float, default=1.0, help="logical CPUs per replica")
     p.add_argument("--config", metavar="OUT.yaml", help="write a Serve config file (`serve deploy OUT.yaml`) "
                                                        "instead of serving")
@@ -444,7 +446,8 @@ def cmd_serve(args) -> int:
             registered_model=target.registered_model, max_tokens=args.max_tokens,
             max_body_bytes=args.max_body_bytes, token_sha256=serving.token_hash(token) if token else None,
             exit_layer=args.exit_layer, num_speculations=args.num_speculations, replicas=args.replicas,
-            autoscaling=autoscaling, num_cpus=args.num_cpus, max_batch=args.max_batch)
+            autoscaling=autoscaling, num_cpus=args.num_cpus, max_batch=args.max_batch,
+            max_atoms=args.max_atoms)
     except ValueError as e:
         from rich.markup import escape
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)

@@ -14,10 +14,10 @@ Routes
                           (the spec's model block), `endpoints`, `limits` {max_tokens,
                           max_body_bytes}, `auth`.
     GET  /docs, /openapi.json   the OpenAPI document, request schemas included.
-    POST <family endpoints>     `app.ENDPOINTS[family]`; today `/v1/completions` (LayerSkip,
-                          minRNN). Allegro (energy/forces/stress), Matformer (properties), UPT
-                          (fields at query points) and Laplace classifiers (prediction +
-                          uncertainty) add theirs.
+    POST <family endpoints>     `app.ENDPOINTS[family]`: `/v1/completions` (LayerSkip, TokenFormer,
+                          minRNN; `lm.py`), `/v1/fields` (UPT; `fields.py`), `/v1/classify`
+                          (classifiers with a Laplace posterior; `classify.py`), `/v1/energy`
+                          (Allegro) and `/v1/properties` (Matformer; `atoms.py`).
 
 Requests
     A JSON object, validated strictly (`protocol.Strict`): no type coercion ("3" is not 3),

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from fastapi import Request  # at module level: FastAPI resolves the route's annotation here
 from ray import serve
 
-from . import classify, fields, lm
+from . import atoms, classify, fields, lm
 from .protocol import ApiError, Endpoint, error_body, parse
 
 log = logging.getLogger("shipyard.serve")
@@ -44,6 +44,10 @@ ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
                      prepare=fields.prepare, describe=fields.describe),),
     "laplace": (Endpoint("/v1/classify", classify.ClassifyRequest, classify.classify,
                          classify.SUMMARY, prepare=classify.prepare, describe=classify.describe),),
+    "allegro": (Endpoint("/v1/energy", atoms.EnergyRequest, atoms.energy, atoms.ENERGY_SUMMARY,
+                         prepare=atoms.prepare_energy, describe=atoms.describe_energy),),
+    "matformer": (Endpoint("/v1/properties", atoms.PropertiesRequest, atoms.properties,
+                           atoms.PROPERTIES_SUMMARY, describe=atoms.describe_properties),),
 }
 """family -> the POST endpoints it serves. A family adds its endpoint here, nowhere else."""
 
@@ -63,6 +67,9 @@ class ServeOptions:
     """Largest `max_tokens` a request may ask for."""
     max_body_bytes: int = 65536
     """Largest request body; bigger ones get 413 before anything parses them."""
+    max_atoms: int = 256
+    """Allegro / Matformer: most atoms in one posted structure (Matformer's canonical-cell search
+    grows as atoms^3: about 2 s at 256 atoms on one core)."""
     token_sha256: str | None = None
     """SHA-256 (hex) of the bearer token /v1/* requires; None: the replica's $SHIPYARD_SERVE_TOKEN
     if set, else no auth. The token itself never enters the app's arguments or logs."""
@@ -85,7 +92,7 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_body_bytes", "num_speculations", "max_batch", "replicas",
-                     "threads"):
+                     "threads", "max_atoms"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -53,9 +53,26 @@ def parse(model: type[Strict], raw: bytes) -> Strict:
         # a union reports one error per member (`stop.str`, `stop.list[str]`): name the field
         path = ".".join(p for p in loc if not _is_union_member(p))
         if first["type"] == "extra_forbidden":
-            allowed = ", ".join(model.model_fields)
+            allowed = ", ".join(_model_at(model, loc[:-1]).model_fields)
             raise ApiError(422, f"{path}: unknown field; allowed: {allowed}", field) from None
         raise ApiError(422, f"{path}: {first['msg']}{_expected(model, field)}", field) from None
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel]:
+    """The (nested) request model an error location points into, e.g. crystals.0 -> Crystal."""
+    import typing
+    for part in loc:
+        info = model.model_fields.get(part)
+        if info is None:
+            continue  # a list index or a union member's tag
+        candidates = [info.annotation]
+        while candidates:
+            t = candidates.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            candidates.extend(typing.get_args(t))
+    return model
 
 
 def _is_union_member(part: str) -> bool:
