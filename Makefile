@@ -40,17 +40,29 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The reference nequip-allegro (benchmarks/allegro_scaling.py runs it through
+# benchmarks/allegro_reference.py) lives in its own environment: it pulls lightning and hydra.
+REF_VENV := .venv-ref
+$(REF_VENV)/.installed: $(STAMP)
+	test -x $(REF_VENV)/bin/python || $(BIN)/python -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	printf '$(TORCH_SPEC)\ne3nn==0.6.0\n' > $(REF_VENV)/constraints.txt
+	$(REF_VENV)/bin/pip install --quiet -c $(REF_VENV)/constraints.txt nequip-allegro==0.8.3
+	touch $@
+
 # Benchmarks want an otherwise idle machine; each writes benchmarks/results/<name>.json.
-bench: setup
+bench: setup $(REF_VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps "minGRU-pytorch==0.2.1"
 	$(BIN)/python benchmarks/minrnn_scan.py
 	$(BIN)/python benchmarks/platform_overhead.py
+	$(BIN)/python benchmarks/allegro_scaling.py
 	$(BIN)/python benchmarks/report.py
 
-bench-quick: setup
+bench-quick: setup $(REF_VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps "minGRU-pytorch==0.2.1"
 	$(BIN)/python benchmarks/minrnn_scan.py --quick
 	$(BIN)/python benchmarks/platform_overhead.py --quick
+	$(BIN)/python benchmarks/allegro_scaling.py --quick
 	$(BIN)/python benchmarks/report.py
 
 clean:

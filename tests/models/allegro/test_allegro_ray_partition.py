@@ -87,3 +87,10 @@ def test_md_partitioned_job_runs_on_actors_and_writes_a_trajectory(ray_cluster, 
     assert summary["atoms"] == 32 and summary["actors"] == 2 and summary["migrations"] > 0
     assert summary["energy_max_error_per_atom"] < 1e-3  # 2 fs Verlet on a smooth potential
     assert summary["ghosts_per_owned"] > 1  # thin 3.6 A domains with r_max 3.2 + skin 0.5
+
+
+def test_actors_the_cluster_cannot_place_time_out_with_a_clear_error(ray_cluster):
+    """More actors than the session cluster's 4 CPUs: a real unplaceable actor, which used to leave
+    the first force call blocked for ever; now the constructor gives up after timeout_s."""
+    with pytest.raises(TimeoutError, match="did not all start within 3.0 s.*CPUs free"):
+        PartitionedPotential(MODEL, (8, 1, 1), num_actors=8, timeout_s=3.0)
