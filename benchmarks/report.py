@@ -58,9 +58,14 @@ HEADLINES = {
 }
 
 
+def fmt(value) -> str:
+    """Floats to 4 significant digits (the JSON keeps full precision); everything else as is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def table(figures: dict) -> str:
     rows = ["| figure | value |", "|---|---|"]
-    rows += [f"| `{k}` | {v} |" for k, v in figures.items()]
+    rows += [f"| `{k}` | {fmt(v)} |" for k, v in figures.items()]
     return "\n".join(rows)
 
 
@@ -88,7 +93,7 @@ def headline_rows() -> str:
         mode = "quick" if figures.get("quick") else "full"
         for k in HEADLINES.get(path.stem, []):
             if k in figures:
-                rows.append(f"| {path.stem} | `{k}` | {figures[k]} | {mode}, {figures.get('cores')} cores |")
+                rows.append(f"| {path.stem} | `{k}` | {fmt(figures[k])} | {mode}, {figures.get('cores')} cores |")
     return "\n".join(rows)
 
 
