@@ -52,14 +52,16 @@ $(REF_VENV)/.installed: $(STAMP)
 
 # Benchmarks want an otherwise idle machine; each writes benchmarks/results/<name>.json.
 bench: setup $(REF_VENV)/.installed
-	$(BIN)/pip install --quiet --no-deps "minGRU-pytorch==0.2.1"
+	$(BIN)/pip install --quiet --no-deps "minGRU-pytorch==0.2.1" "neuraloperator==2.0.0" \
+	  "tensorly==0.10.0" "tensorly-torch==0.5.0"
 	$(BIN)/python benchmarks/minrnn_scan.py
 	$(BIN)/python benchmarks/platform_overhead.py
 	$(BIN)/python benchmarks/allegro_scaling.py
 	$(BIN)/python benchmarks/report.py
 
 bench-quick: setup $(REF_VENV)/.installed
-	$(BIN)/pip install --quiet --no-deps "minGRU-pytorch==0.2.1"
+	$(BIN)/pip install --quiet --no-deps "minGRU-pytorch==0.2.1" "neuraloperator==2.0.0" \
+	  "tensorly==0.10.0" "tensorly-torch==0.5.0"
 	$(BIN)/python benchmarks/minrnn_scan.py --quick
 	$(BIN)/python benchmarks/platform_overhead.py --quick
 	$(BIN)/python benchmarks/allegro_scaling.py --quick

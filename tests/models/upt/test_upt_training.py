@@ -1,8 +1,27 @@
-"""Training sanity on a tiny UPT: a short training on generated Navier-Stokes flows learns the
-field (held-out one-step error clearly below the zero predictor's), and a 20-step latent rollout
-stays finite and bounded. The persistence baseline is printed, not asserted: at this budget the
-model does not beat it yet (measured: rel. L2 0.52 vs persistence 0.42 after 600 steps; the
-issue's "well below persistence" needs longer training, see the family's job)."""
+"""Training sanity on a tiny UPT: a short training on generated Navier-Stokes flows beats the
+persistence baseline on held-out trajectories (one-step rel. L2 at most 0.7x persistence's), and
+a 20-step latent rollout stays finite and bounded.
+
+What the comparison means, and why these data. Persistence predicts u_{t+1} = u_t with u_t
+exact at the query points; the model never sees u_t there: it must interpolate u_t from N = 128
+random input points AND advance it. Its one-step error is therefore bounded below by its own
+reconstruction error (decode(encode(u_t)) against u_t), which after ~1000 CPU steps of a tiny
+model is ~0.35-0.4 on these fields. With snapshots 2 time units apart (this test's earlier
+data; persistence 0.42) it did not beat persistence at this budget (0.52 after 600 steps), and
+the job's snapshots are closer still; the test therefore uses data whose one-step change is
+large relative to the field: snapshots 5 time units apart (persistence
+~0.75; the zero predictor scores 1), band-limited initial vorticity (|m| <= 1) with Kolmogorov
+forcing and viscosity varying per trajectory, so what beats persistence is a learnt,
+parameter-dependent step. Measured while fixing this (one-step rel. L2 on the held-out
+trajectories, persistence 0.74): with 32 training trajectories the model plateaued at
+0.55-0.60 whatever the width, schedule, step count (up to 1500) or inverse-encoding weight, while
+its reconstruction kept improving: the approximator overfits 32 draws of initial field and
+parameters. 128 training trajectories (what this test uses; viscosity from 3e-4 so dt = 0.05
+stays stable over 40 time units) give 0.47 (ratio 0.63) after 900 steps. A radius of 0.12 and 2
+position frequencies (the fields are smooth) shortened the reconstruction plateau; inverse-encoding
+weight 3 helps the reconstruction, which bounds the one-step error from below. The latent
+rollout is only checked for stability: over steps of 5 time units its error nears the zero
+predictor's (~1) after 3 steps (printed)."""
 import time
 
 import pytest
@@ -12,11 +31,11 @@ from shipyard.train.data import collate
 from shipyard_models.data.flows import evaluate_at, grid_points
 from shipyard_models.upt import FAMILY, Config, DataConfig, load_flows, relative_l2
 
-STEPS, BATCH, LR = 300, 8, 3e-3
-DATA = DataConfig(every=2.0, max_mode=1, train_trajectories=32, val_trajectories=4, snapshots=20,
-                  input_points=256, output_points=128, supernodes=48, resamplings=4)
-MODEL = Config(dim=32, heads=8, encoder_depth=1, approximator_depth=2, decoder_depth=1, latent_tokens=16,
-               radius=0.15, max_neighbours=32, pos_freqs=8, inverse_encoding_weight=1.0)
+STEPS, BATCH, LR = 900, 8, 3e-3
+DATA = DataConfig(every=5.0, snapshots=8, max_mode=1, nu_min=3e-4, nu_max=1e-3, train_trajectories=128,
+                  val_trajectories=4, input_points=128, output_points=64, supernodes=48, resamplings=4)
+MODEL = Config(dim=32, heads=4, encoder_depth=1, approximator_depth=2, decoder_depth=1, latent_tokens=16,
+               radius=0.12, max_neighbours=32, pos_freqs=2, inverse_encoding_weight=3.0)
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +47,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_tiny_upt_learns_the_field_and_rolls_out_stably(tmp_path):
+def test_tiny_upt_beats_persistence_and_rolls_out_stably(tmp_path):
     torch.manual_seed(0)
     train, val = FAMILY.datasets(MODEL, DATA, tmp_path)
     model = FAMILY.build(MODEL)
@@ -48,7 +67,10 @@ def test_tiny_upt_learns_the_field_and_rolls_out_stably(tmp_path):
 
     model.eval()
     with torch.no_grad():
-        metrics = FAMILY.evaluate(model, collate([val[i] for i in range(len(val))]))
+        items = collate([val[i] for i in range(len(val))])  # held-out trajectories (seed + 1)
+        metrics = FAMILY.evaluate(model, items)
+        latent = model.encode(items["input_pos"], items["input_values"], items["supernode_pos"])
+        reconstruction = relative_l2(model.decode(latent, items["output_pos"]), items["previous"]).item()
     one_step, persistence = metrics["rel_l2"].item(), metrics["persistence_rel_l2"].item()
 
     # 20-step latent rollout from t = 0 of each held-out trajectory, decoded on the grid
@@ -62,14 +84,15 @@ def test_tiny_upt_learns_the_field_and_rolls_out_stably(tmp_path):
     with torch.no_grad():
         rollout = model.rollout_latent(pos, evaluate_at(fields[:, 0], pos)[..., None], supernodes,
                                        torch.zeros(b), norm.params(raw["params"]), 20, grid)[..., 0]
-    truth = fields[:, 1:21].flatten(2)
-    errors = [relative_l2(rollout[:, k], truth[:, k]).item() for k in range(20)]
-    print(f"one-step rel. L2 {one_step:.3f} vs persistence {persistence:.3f} ({STEPS} steps in {seconds:.1f} s); "
-          f"latent rollout rel. L2 at steps 1/5/10/20: "
-          f"{errors[0]:.2f}/{errors[4]:.2f}/{errors[9]:.2f}/{errors[19]:.2f}")
-    # The zero predictor (the fields' spatial mean) has rel. L2 exactly 1; an untrained model ~1.6.
-    # 0.85 leaves margin over the 0.69-0.72 measured on these data after 300-400 steps.
-    assert one_step < 0.85
+    truth = fields[:, 1:].flatten(2)
+    errors = [relative_l2(rollout[:, k], truth[:, k]).item() for k in range(DATA.snapshots)]
+    print(f"one-step rel. L2 {one_step:.3f} vs persistence {persistence:.3f} (ratio {one_step / persistence:.2f}; "
+          f"reconstruction of u_t {reconstruction:.3f}; {STEPS} steps in {seconds:.1f} s); latent rollout "
+          f"rel. L2 at steps 1..{DATA.snapshots}: " + "/".join(f"{e:.2f}" for e in errors))
+    # Persistence is 0.74 on these data and the zero predictor scores 1; measured ratio 0.63
+    # (see the docstring). 0.7x is the issue's "well below persistence" with room for
+    # platform-dependent rounding in the 900 steps of training.
+    assert one_step <= 0.7 * persistence
     assert torch.isfinite(rollout).all()
     # bounded: the rolled-out field never exceeds 3x the largest true value of these trajectories
     assert rollout.abs().max() < 3 * fields.abs().max()
