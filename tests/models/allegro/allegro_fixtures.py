@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from ase.build import bulk
 
@@ -33,11 +32,3 @@ def cuni_supercell(seed: int = 0, repeat=(2, 2, 2), rattle: float = 0.1):
     atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
     return atoms
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and it does not fight the other tests for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

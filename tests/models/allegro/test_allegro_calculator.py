@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from allegro_fixtures import cuni_supercell, one_thread, tiny_model  # noqa: F401
+from allegro_fixtures import cuni_supercell, tiny_model  # noqa: F401
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS

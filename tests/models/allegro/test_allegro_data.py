@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from allegro_fixtures import one_thread  # noqa: F401
 from ase.io import write
 
 from shipyard.train.data import collate

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from allegro_fixtures import R_MAX, cuni_supercell, one_thread, tiny_model  # noqa: F401
+from allegro_fixtures import R_MAX, cuni_supercell, tiny_model  # noqa: F401
 from ase.build import bulk
 from ase.neighborlist import primitive_neighbor_list
 

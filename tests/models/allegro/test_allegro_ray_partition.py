@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from allegro_fixtures import cuni_supercell, one_thread, tiny_model  # noqa: F401
+from allegro_fixtures import cuni_supercell, tiny_model  # noqa: F401
 from ase.units import fs
 from test_allegro_partition import assert_same
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from allegro_fixtures import one_thread  # noqa: F401
 from ase.build import bulk
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS

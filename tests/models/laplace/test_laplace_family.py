@@ -11,14 +11,6 @@ import torch
 from shipyard_models.laplace import FAMILY, Config, DataConfig, splits, train_plain
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_splits_and_ood_sets():
     from sklearn.datasets import load_digits

@@ -15,17 +15,9 @@ from shipyard_models.laplace import (Config, DataConfig, LaplaceConfig, build, l
 S = 10_000  # MC draws: standard error of a probability <= 0.5 / sqrt(S) = 0.005
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     torch.manual_seed(0)
     cfg, data = Config(hidden=32), DataConfig(in_classes=[0, 1, 2, 3, 4])
     s = splits(cfg, data)

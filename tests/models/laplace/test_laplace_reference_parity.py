@@ -65,17 +65,9 @@ ADAM_RTOL = 1e-6             # see the module docstring: Adam's convergence, not
 pytestmark = pytest.mark.filterwarnings("ignore:By default `link_approx` is `probit`")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def setup(one_thread):
+def setup():
     """A digits MLP trained in float32 as the platform does, then cast to float64 for both sides."""
     s = digits.load([0, 1, 2, 3, 4], seed=0)
     torch.manual_seed(0)

@@ -20,14 +20,6 @@ from shipyard_models.data.flows import (
 G = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small FFTs and matmuls: one thread is fastest, and on a shared machine far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _xy():
     p = grid_points(G)

@@ -14,13 +14,6 @@ TINY = dict(dim=32, heads=4, encoder_depth=1, approximator_depth=2, decoder_dept
             radius=0.2, max_neighbours=16, pos_freqs=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(**overrides) -> UPT:
     torch.manual_seed(0)

@@ -38,13 +38,6 @@ MODEL = Config(dim=32, heads=4, encoder_depth=1, approximator_depth=2, decoder_d
                radius=0.12, max_neighbours=32, pos_freqs=2, inverse_encoding_weight=3.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.slow
 def test_tiny_upt_beats_persistence_and_rolls_out_stably(tmp_path):
