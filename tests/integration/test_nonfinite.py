@@ -97,8 +97,13 @@ def process_group():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    linear = torch.nn.functional.linear
     yield
     dist.destroy_process_group()
+    # A ZeRO-3 engine replaces F.linear for the rest of its process ("this will persist unless
+    # manually reset", says DeepSpeed); a training worker is its own process, this test is not:
+    # put it back so later tests (e.g. functorch's forward-mode AD in laplace-torch) see torch's.
+    torch.nn.functional.linear = linear
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
