@@ -18,7 +18,8 @@ NOTES = {
     "platform_overhead": "Throughput through `shipyard run`'s loop vs a bare PyTorch loop, and 2 workers vs 1 "
                          "(`python benchmarks/platform_overhead.py`).",
     "serve": "LayerSkip completions through `shipyard serve` (Ray Serve on 127.0.0.1): requests/s and latency, "
-             "self-speculative vs plain decoding at 1, 4 and 16 clients (`python benchmarks/serve.py`).",
+             "self-speculative vs plain decoding at 1, 4 and 16 clients; minRNN with its decoding steps batched "
+             "across requests vs not (`python benchmarks/serve.py`).",
     "laplace_ood": "Last-layer Laplace on the same classifier: identity curvature (ICLA) vs diag/KFAC/full GGN "
                    "(ours) vs laplace-torch's last-layer KFAC and diag; near/far OOD AUROC, ECE, NLL, fit time "
                    "over seeds (`python benchmarks/laplace_ood.py`).",
