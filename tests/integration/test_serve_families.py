@@ -130,10 +130,10 @@ def _upt_in_process(apps, body, how="latent"):
     """The model called directly: normalise as the training data did, roll out, undo."""
     from shipyard.cluster import home
     from shipyard.spec import parse_job
-    from shipyard_models.upt import load_flows
+    from shipyard_models.upt import normalisation
     info = model_info(apps, "upt")
     spec = parse_job({"name": "x", "model": {"family": "upt", **info["config"]}, "data": JOBS["upt"]["data"]})
-    _, _, norm = load_flows(spec.data, home() / "data")
+    norm = normalisation(spec.data, home() / "data")
     model = apps["models"]["upt"]
     pos = torch.tensor(body["input_positions"])
     values = torch.tensor(body["input_values"]) / norm.scale

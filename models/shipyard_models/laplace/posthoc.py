@@ -68,6 +68,12 @@ def features(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tens
     return torch.cat([model.features(x[i:i + batch]) for i in range(0, len(x), batch)]).double()
 
 
+def map_probabilities(head: nn.Linear, phi_ND: torch.Tensor) -> torch.Tensor:
+    """The plain network's (MAP) class probabilities [N, C] from last-layer features."""
+    W = torch.cat([head.weight, head.bias[:, None]], 1).detach().double()
+    return (last_layer.augment(phi_ND) @ W.T).softmax(-1)
+
+
 def fit_method(method: str, cfg: LaplaceConfig, head: nn.Linear, phi_train: torch.Tensor,
                y_train: torch.Tensor, phi_val: torch.Tensor, y_val: torch.Tensor) -> last_layer.Posterior:
     """One fitted posterior with its prior precision tuned as `cfg` says."""
@@ -106,7 +112,7 @@ def run(model: nn.Module, splits: Splits, cfg: LaplaceConfig) -> dict[str, Metho
     y = splits.y
 
     def plain(p):
-        return (last_layer.augment(p) @ torch.cat([head.weight, head.bias[:, None]], 1).detach().double().T).softmax(-1)
+        return map_probabilities(head, p)
 
     results = {"map": score(plain(phi["test"]), y["test"], {k: plain(v) for k, v in phi_ood.items()})}
     for method in cfg.methods:

@@ -29,7 +29,7 @@ from .data import FlowTransitions, Normalisation
 from .model import UPT, Config
 
 __all__ = ["FAMILY", "Config", "DataConfig", "UPT", "FlowTransitions", "Normalisation", "build",
-           "datasets", "load_flows", "relative_l2"]
+           "datasets", "load_flows", "normalisation", "relative_l2"]
 
 
 @dataclass
@@ -109,6 +109,12 @@ def load_flows(data_cfg: DataConfig, cache_dir: Path):
     train = load_trajectories(data_cfg.flow_spec("train"), cache_dir)
     val = load_trajectories(data_cfg.flow_spec("val"), cache_dir)
     return train, val, Normalisation.of(train["fields"], train["params"])
+
+
+def normalisation(data_cfg: DataConfig, cache_dir: Path) -> Normalisation:
+    """The training normalisation alone (what serving needs; no validation trajectories)."""
+    train = load_trajectories(data_cfg.flow_spec("train"), cache_dir)
+    return Normalisation.of(train["fields"], train["params"])
 
 
 def datasets(cfg: Config, data_cfg: DataConfig, cache_dir: Path):

@@ -26,7 +26,7 @@ from fastapi import Request  # at module level: FastAPI resolves the route's ann
 from ray import serve
 
 from . import atoms, classify, fields, lm
-from .protocol import ApiError, Endpoint, error_body, parse
+from .protocol import ApiError, Endpoint, check_model, error_body, parse
 
 log = logging.getLogger("shipyard.serve")
 
@@ -203,6 +203,7 @@ def _add(app, served: Served, endpoint: Endpoint) -> None:
     async def route(request: Request):
         try:
             body = parse(endpoint.request, await request.body())
+            check_model(served, getattr(body, "model", None))  # every request body may name it
             result = await run_in_threadpool(endpoint.handle, served, body)
         except ApiError as e:
             return JSONResponse(e.body(), status_code=e.status)

@@ -57,7 +57,6 @@ e.g. `structures.2.species`) and what is allowed:
 """
 from __future__ import annotations
 
-import copy
 import io
 from typing import Annotated, Callable
 
@@ -165,10 +164,9 @@ def energy(served, req: EnergyRequest) -> dict:
     """Energy (eV), forces (eV/A) and, for 3D-periodic structures, stress (eV/A^3) per structure."""
     from shipyard_models.allegro import predict
 
-    _check_model(served, req.model)
     known = [atomic_numbers[s] for s in served.spec.model.species]
     field_, structures = _structures(served, req, ("structures", "extxyz"), _from_structure, "extxyz", known)
-    model, r_max = served.state["allegro"]["model"], served.spec.model.r_max
+    model, r_max = served.model, served.spec.model.r_max
     data = []
     for i, (where, atoms) in enumerate(structures):
         edges = _check(served, atoms, where, field_, known, cutoff=r_max)
@@ -194,7 +192,7 @@ def energy(served, req: EnergyRequest) -> dict:
 def prepare_energy(served) -> None:
     """At load: the served Allegro in float64, as `AllegroCalculator` runs it (float32 -> float64
     is exact)."""
-    served.state["allegro"] = {"model": copy.deepcopy(served.model).to(torch.float64).eval()}
+    served.model.to(torch.float64)  # in place: the float32 copy is not kept
 
 
 def describe_energy(served) -> dict:
@@ -225,7 +223,6 @@ def properties(served, req: PropertiesRequest) -> dict:
     """The model's target property per crystal, in the target's units."""
     from shipyard_models.matformer import crystal_graph, flat_batch
 
-    _check_model(served, req.model)
     known = _known_species(served)
     field_, crystals = _structures(served, req, ("crystals", "cif", "poscar", "extxyz"),
                                    _from_crystal, {"cif": "cif", "poscar": "vasp", "extxyz": "extxyz"},
@@ -244,7 +241,6 @@ def properties(served, req: PropertiesRequest) -> dict:
             raise ApiError(422, f"{where}: cannot build its crystal graph: {e}", field_) from None
     dtype = next(model.parameters()).dtype
     with torch.no_grad():  # `shipyard_models.matformer.predict`, with the graphs built above
-        model.eval()
         values = model.denormalise(model(flat_batch(graphs, dtype))).tolist()
     for (where, _), value in zip(crystals, values):
         if not np.isfinite(value):
@@ -288,12 +284,6 @@ def _from_crystal(c: Crystal, where: str, field_: str, known: list[int]) -> Atom
 
 
 # ---- shared -------------------------------------------------------------------------------
-
-def _check_model(served, model: str | None) -> None:
-    if model is not None and model not in (served.model_id, served.spec.name):
-        raise ApiError(404, f"model: {model!r} is not served here; /v1/models lists "
-                            f"{served.model_id!r}", "model", kind="not_found_error")
-
 
 def _structures(served, req, fields: tuple[str, ...], from_json: Callable, formats,
                 known: list[int]) -> tuple[str, list]:

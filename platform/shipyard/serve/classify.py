@@ -99,13 +99,11 @@ def predict(model, fitted: Fitted, x_ND: torch.Tensor, method: str, how: str, sa
             seed: int = 0) -> dict:
     """The response body's numbers for inputs x (what the endpoint returns, in-process)."""
     from shipyard_models.laplace import posthoc
-    from shipyard_models.laplace.last_layer import augment
     post = fitted.posteriors[method]
     phi = posthoc.features(model, x_ND)
     generator = torch.Generator().manual_seed(seed)
     p = post.predict(phi, how, samples, generator)
-    head = torch.cat([model.head.weight, model.head.bias[:, None]], 1).detach().double()
-    p_map = (augment(phi) @ head.T).softmax(-1)
+    p_map = posthoc.map_probabilities(model.head, phi)
     confidence, index = p.max(-1)
     entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
     threshold = fitted.thresholds[method]
@@ -120,9 +118,6 @@ def predict(model, fitted: Fitted, x_ND: torch.Tensor, method: str, how: str, sa
 
 def classify(served, req: ClassifyRequest) -> dict:
     fitted: Fitted = served.state["laplace"]
-    if req.model is not None and req.model not in (served.model_id, served.spec.name):
-        raise ApiError(404, f"model: {req.model!r} is not served here; /v1/models lists "
-                            f"{served.model_id!r}", "model", kind="not_found_error")
     method = req.method or next(iter(fitted.posteriors))
     if method not in fitted.posteriors:
         raise ApiError(422, f"method: {method!r} is not fitted here; fitted: "

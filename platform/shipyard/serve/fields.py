@@ -58,8 +58,8 @@ class FieldsRequest(Strict):
 def prepare(served) -> None:
     """The training normalisation and parameter names, recomputed from the job's data block."""
     from shipyard.cluster import home
-    from shipyard_models.upt import load_flows
-    _, _, norm = load_flows(served.spec.data, home() / "data")
+    from shipyard_models.upt import normalisation
+    norm = normalisation(served.spec.data, home() / "data")  # training trajectories only
     served.state["upt"] = {"norm": norm,
                            "param_names": served.spec.data.flow_spec("train").param_names}
 
@@ -79,9 +79,6 @@ def _points(rows: list[list[float]], field: str) -> torch.Tensor:
 def predict(served, req: FieldsRequest) -> dict:
     state = served.state["upt"]
     norm, names = state["norm"], state["param_names"]
-    if req.model is not None and req.model not in (served.model_id, served.spec.name):
-        raise ApiError(404, f"model: {req.model!r} is not served here; /v1/models lists "
-                            f"{served.model_id!r}", "model", kind="not_found_error")
     input_pos = _points(req.input_positions, "input_positions")
     query_pos = _points(req.query_positions, "query_positions")
     n = len(input_pos)

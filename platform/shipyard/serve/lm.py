@@ -346,9 +346,6 @@ def _check_common(served, req: CompletionRequest) -> tuple[torch.Tensor, Sampler
     if req.max_tokens > limit:
         raise ApiError(422, f"max_tokens: {req.max_tokens} is above this server's limit "
                             f"{limit} (allowed: 1 .. {limit})", "max_tokens")
-    if req.model is not None and req.model not in (served.model_id, served.spec.name):
-        raise ApiError(404, f"model: {req.model!r} is not served here; /v1/models lists "
-                            f"{served.model_id!r}", "model", kind="not_found_error")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop
     if stops is not None and (len(stops) > MAX_STOPS or any(s == "" for s in stops)):
         raise ApiError(422, f"stop: at most {MAX_STOPS} non-empty strings", "stop")

@@ -58,6 +58,13 @@ def parse(model: type[Strict], raw: bytes) -> Strict:
         raise ApiError(422, f"{path}: {first['msg']}{_expected(model, field)}", field) from None
 
 
+def check_model(served, model: str | None) -> None:
+    """A request's optional `model` must name the served checkpoint (its id or job name): 404."""
+    if model is not None and model not in (served.model_id, served.spec.name):
+        raise ApiError(404, f"model: {model!r} is not served here; /v1/models lists "
+                            f"{served.model_id!r}", "model", kind="not_found_error")
+
+
 def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel]:
     """The (nested) request model an error location points into, e.g. crystals.0 -> Crystal."""
     import typing
@@ -119,4 +126,4 @@ class Endpoint:
     describe: Callable[[Any], dict] | None = None
 
 
-__all__ = ["ApiError", "Endpoint", "Strict", "parse", "sse", "error_body"]
+__all__ = ["ApiError", "Endpoint", "Strict", "check_model", "parse", "sse", "error_body"]
