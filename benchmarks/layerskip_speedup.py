@@ -41,10 +41,13 @@ faster than autoregressive decoding on GPUs with identical greedy output. Goal h
 3. Timing: wall clock of each whole generate call (prefill included, the same for all), after a
    warm-up call of each contender; contenders run round-robin (rotating order) so load from other
    processes hits all alike; per prompt the median over repeats, tokens/s = all new tokens / sum
-   of the medians. One torch thread for everything (--threads): at batch 1 these matrices are tiny
-   and each layer costs about 0.3 ms of per-op dispatch whatever its width, so a verify forward
-   over d + 1 positions costs about as much as one position -- the latency-bound regime in which
-   speculative decoding pays on GPUs too. That is also why the model is deep and narrow: the
+   of the medians; the garbage collector runs before each timed call and is off during it (as
+   `timeit` does), so a collection of another contender's garbage never lands in a timing. One
+   torch thread for everything (--threads): at batch 1 these matrices are tiny and each layer
+   costs about 0.3 ms, mostly per-op dispatch whatever its width, so a verify forward over
+   d + 1 positions costs little more than one position (about 15% more per layer at 3 positions,
+   measured in session 5) -- the latency-bound regime in which speculative decoding pays on GPUs
+   too. That is also why the model is deep and narrow: the
    speedup is bounded by about L / E layer passes, width only makes training slower. Python
    overhead per round (drafting loop, acceptance, cache crops) is included, as it would be on GPU.
    Greedy continuations of models this small fall into loops after a few words (printed at the
@@ -68,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -232,9 +236,14 @@ def round_robin(contenders: dict, prompts: list[torch.Tensor], warmup: int, repe
         for p, prompt in enumerate(prompts):
             shift = (r * len(prompts) + p) % len(names)
             for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                tokens, st = contenders[name](prompt)
-                times[name][p].append(time.perf_counter() - start)
+                gc.collect()  # as timeit does: no collector pause inside a timed call
+                gc.disable()
+                try:
+                    start = time.perf_counter()
+                    tokens, st = contenders[name](prompt)
+                    times[name][p].append(time.perf_counter() - start)
+                finally:
+                    gc.enable()
                 outs[name][p], stats[name][p] = tokens[0, prompt.shape[1]:].tolist(), st
     return {n: ([statistics.median(t) for t in times[n]], outs[n], stats[n]) for n in names}
 
@@ -252,10 +261,10 @@ def hf_contender(hf, n: int, E: int | None = None, d: int | None = None, c: floa
     (constant schedule) and stopping a round's drafting below confidence c, as ours does, or,
     with default_policy, HF's defaults for both."""
     def run(prompt):
-        gc = hf.generation_config
-        gc.num_assistant_tokens = 20 if default_policy else d
-        gc.num_assistant_tokens_schedule = "constant"
-        gc.assistant_confidence_threshold = 0.4 if default_policy else c
+        gen_cfg = hf.generation_config
+        gen_cfg.num_assistant_tokens = 20 if default_policy else d
+        gen_cfg.num_assistant_tokens_schedule = "constant"
+        gen_cfg.assistant_confidence_threshold = 0.4 if default_policy else c
         kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(prompt))
         if E is not None:

@@ -165,6 +165,16 @@ def inverse_frequencies(cfg: Config) -> torch.Tensor:
     return inv_freq
 
 
+def offset_causal_mask(past: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [T, past + T] for T new queries after `past` cached positions (query i sees
+    keys up to past + i); None when SDPA needs none (no new positions to hide: T == 1) or its
+    own `is_causal` is right (past == 0)."""
+    if not past or T == 1:
+        return None
+    S = past + T
+    return torch.arange(S, device=device)[None, :] <= torch.arange(past, S, device=device)[:, None]
+
+
 def rotate(x_BHTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the half-split layout of HF Llama checkpoints."""
     x1, x2 = x_BHTd.chunk(2, dim=-1)
@@ -233,7 +243,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.d, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * self.d, cfg.dim, bias=bias)
 
-    def forward(self, x_BTD, cos_Td, sin_Td, cache: KVCache | None = None):
+    def forward(self, x_BTD, cos_Td, sin_Td, cache: KVCache | None = None,
+                mask_TS: torch.Tensor | None = None):
+        """`mask_TS`: the `offset_causal_mask` for this layer's cached length, if the caller
+        already has it (one per forward, shared by the layers); computed here otherwise."""
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.d).transpose(1, 2)
         k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.d).transpose(1, 2)
@@ -243,12 +256,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.lengths[self.index]
             k, v = cache.append(self.index, k, v)
-        mask = None
-        if past and T > 1:  # queries are the last T of S positions: causal with an offset
-            S = past + T
-            mask = (torch.arange(S, device=x_BTD.device)[None, :]
-                    <= torch.arange(past, S, device=x_BTD.device)[:, None])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past and T > 1,
+        if mask_TS is None:
+            mask_TS = offset_causal_mask(past, T, x_BTD.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS,
+                                           is_causal=not past and T > 1,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
@@ -274,8 +285,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BTD, cos_Td, sin_Td, cache: KVCache | None = None):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_Td, sin_Td, cache)
+    def forward(self, x_BTD, cos_Td, sin_Td, cache: KVCache | None = None,
+                mask_TS: torch.Tensor | None = None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_Td, sin_Td, cache,
+                                       mask_TS)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
 
@@ -290,8 +303,9 @@ class LayerSkipLM(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # not a buffer, so that .to(dtype) never rounds the float32 frequencies
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        # (cos, sin) tables per (device, dtype); not buffers, so that .to(dtype) never rounds
+        # the float32 angles they are computed from
+        self._rotary: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.init_std)
@@ -307,13 +321,23 @@ class LayerSkipLM(nn.Module):
         return KVCache(self.cfg.n_layers)
 
     def rotary(self, start: int, T: int, device: torch.device, dtype: torch.dtype):
-        """(cos, sin) [T, d] for positions start .. start + T - 1."""
-        if device not in self._inv_freq:
-            self._inv_freq[device] = inverse_frequencies(self.cfg).to(device)
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-        angles = pos[:, None] * self._inv_freq[device][None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        """(cos, sin) [T, d] for positions start .. start + T - 1.
+
+        Sliced from a table per device and dtype, computed once for a power-of-two number of
+        positions (and again, longer, when a later position is asked for): a decoding step then
+        costs two slices instead of the half-dozen small ops of computing its angles, which
+        matters at batch 1."""
+        cos, sin = self._rotary.get((device, dtype), (None, None))
+        if cos is None or cos.shape[0] < start + T:
+            n = 256
+            while n < start + T:
+                n *= 2
+            inv_freq = inverse_frequencies(self.cfg).to(device)
+            angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            angles = torch.cat((angles, angles), dim=-1)
+            cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+            self._rotary[(device, dtype)] = (cos, sin)
+        return cos[start:start + T], sin[start:start + T]
 
     def forward(self, tokens_BT: torch.Tensor | None = None, *,
                 hidden_BTD: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -377,19 +401,22 @@ class LayerSkipLM(nn.Module):
             probs_L = torch.tensor([float(p) for p in drop_probs], device=h.device)
             keep_LB = torch.rand(L, B, device=h.device) >= probs_L[:, None]
 
-        rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # rotary tables and attention mask per cached length, shared by the layers that have it
+        # (all of them, except while drafting layers run ahead of verifying ones)
+        per_past: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         out: dict[int, torch.Tensor] = {}
         for i in range(start_layer, end):
             past = cache.lengths[i] if cache is not None else 0
-            if past not in rotary:
-                rotary[past] = self.rotary(past, T, h.device, h.dtype)
-            cos, sin = rotary[past]
+            if past not in per_past:
+                per_past[past] = (*self.rotary(past, T, h.device, h.dtype),
+                                  offset_causal_mask(past, T, h.device))
+            cos, sin, mask = per_past[past]
             block = self.layers[i]
             if keep_LB is None or drop_probs[i] == 0:
-                h = block(h, cos, sin, cache)
+                h = block(h, cos, sin, cache, mask)
             else:  # per-sample layer dropout; the block runs even on 0 kept rows
                 idx = keep_LB[i].nonzero()[:, 0]
-                h = h.index_copy(0, idx, block(h.index_select(0, idx), cos, sin, cache))
+                h = h.index_copy(0, idx, block(h.index_select(0, idx), cos, sin, cache, mask))
             if i in exits:
                 out[i] = h
         logits = self.head(h) if compute_logits else None

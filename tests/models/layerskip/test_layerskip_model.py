@@ -80,6 +80,24 @@ def test_cached_incremental_forward_equals_one_pass():
     assert cache.lengths == [12] * 4
 
 
+def test_rotary_table_grows_mid_decode_without_changing_any_output():
+    """The (cos, sin) table starts at 256 positions and is rebuilt longer when a later position
+    is asked for; decoding across that point still equals one uncached pass, and every entry is
+    the angle formula's value."""
+    model = small(max_seq_len=1024)
+    x = torch.randint(0, 64, (1, 270))
+    cache = model.new_cache()
+    pieces = [model(x[:, :250], cache=cache)[0]]
+    for t in range(250, 270, 4):  # crosses position 256, where the table grows
+        pieces.append(model(x[:, t:t + 4], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(x)[0], rtol=0, atol=1e-12)
+    cos, sin = model.rotary(600, 3, torch.device("cpu"), torch.float64)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    angles = torch.arange(600, 603, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    torch.testing.assert_close(cos, angles.cos().repeat(1, 2).double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, angles.sin().repeat(1, 2).double(), rtol=0, atol=1e-6)
+
+
 def test_layers_may_run_ahead_in_the_cache_and_crop_restores():
     """Drafting layers cache more positions than verifying ones; crop undoes rejected drafts."""
     model = small()
