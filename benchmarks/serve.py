@@ -80,26 +80,11 @@ def trained_weights(quick: bool):
 
 
 def write_checkpoint(model, raw_spec: dict, runs: Path) -> Path:
-    """The platform's checkpoint writer, in a one-process gloo group."""
-    import torch.distributed as dist
-    from shipyard.registry import MODELS
-    from shipyard.spec import parse_job
+    """The platform's checkpoint writer (a one-worker DDP checkpoint, as `shipyard run` writes)."""
+    from shipyard.export import save_model
     from shipyard.train import checkpoint as ckpt
-    from shipyard.train.parallelize import parallelize
-    port = free_port()
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        spec = parse_job(raw_spec)
-        engine = parallelize(model, spec, MODELS[spec.family].shard_units(model), torch.device("cpu"))
-        directory = runs / raw_spec["name"] / ckpt.dir_name(0)
-        ckpt.write(directory, engine, ckpt.Meta(step=raw_spec["train"]["steps"], batches=0,
-                                                family=spec.family, strategy="ddp", world_size=1,
-                                                spec=spec.to_dict()), rank=0)
-    finally:
-        dist.destroy_process_group()
-    return directory
+    return save_model(model, raw_spec, runs / raw_spec["name"] / ckpt.dir_name(0),
+                      step=raw_spec["train"]["steps"])
 
 
 def best_speculation() -> tuple[int, int]:

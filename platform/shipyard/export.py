@@ -1,4 +1,5 @@
-"""Turning a finished checkpoint back into a model: `shipyard export` and the loaders serving uses.
+"""Turning a finished checkpoint back into a model: `shipyard export` and the loaders serving uses;
+and the way back, `save_model`, for a model built or trained outside `shipyard run`.
 
 A target is a checkpoint directory (local or `s3://`), a run directory, or an MLflow run (id, id
 prefix or name) whose newest complete checkpoint is taken. Only the consolidated
@@ -8,16 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from shipyard.registry import MODELS
 from shipyard.spec import JobSpec, StorageSpec, parse_job
 from shipyard.train import checkpoint as ckpt
+from shipyard.train.parallelize import DDPEngine
 from shipyard.train.storage import download, filesystem
 
 
@@ -69,6 +75,49 @@ def load_model(directory: Path) -> tuple[nn.Module, JobSpec, ckpt.Meta]:
     model = MODELS[spec.family].build(spec.model)
     model.load_state_dict(ckpt.load_weights(directory), strict=True)
     return model.eval(), spec, meta
+
+
+def save_model(model: nn.Module, spec: JobSpec | dict, directory: Path, step: int = 0) -> Path:
+    """Write a model built or trained in this process (a notebook, a benchmark, a test fixture) as
+    a complete platform checkpoint, exactly as a one-worker DDP run writes its own: manifest,
+    meta.json with the spec, consolidated model.safetensors, written through a DDP engine whatever
+    the spec's sharding (meta.json says "ddp"). `shipyard serve`, `export` and
+    `load_model` take it like any other. `spec` is the job spec (parsed or raw) the model was built
+    from; its `train:` block is kept as it is.
+
+    The platform's writer is collective, so without a running process group this starts a
+    one-process gloo group on 127.0.0.1 (and ends it, restoring the environment, afterwards);
+    inside a group of more than one process it refuses, since the other ranks would not join.
+    """
+    spec = spec if isinstance(spec, JobSpec) else parse_job(spec)
+    own_group = not dist.is_initialized()
+    if not own_group and dist.get_world_size() != 1:
+        raise RuntimeError(f"save_model writes from one process; this one is rank {dist.get_rank()} "
+                           f"of {dist.get_world_size()}")
+    saved = {}
+    if own_group:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        engine = DDPEngine(model, spec, torch.device("cpu"))  # whatever spec.sharding says
+        ckpt.write(Path(directory), engine, ckpt.Meta(step=step, batches=0, family=spec.family,
+                                                      strategy="ddp", world_size=1,
+                                                      spec=spec.to_dict()), rank=0)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return Path(directory)
 
 
 def export(uri: str, fmt: str, out: Path, storage: StorageSpec | None = None) -> list[str]:
