@@ -10,8 +10,8 @@ server, and the server answers every request (zero 5xx) under concurrent load.
    .shipyard/bench/ (trained there first if absent; --quick trains its 150-step version only when
    the 2000-step weights are not cached). `--checkpoint TARGET` serves any finished checkpoint
    instead (run id, run or checkpoint directory, s3://, registered model).
-2. The weights become a real checkpoint through the platform's own writer (a DDP engine in a
-   one-process gloo group, `shipyard.train.checkpoint.write`), served exactly as
+2. The weights become a real checkpoint through the platform's own writer
+   (`shipyard.export.save_model`: a DDP engine in a one-process gloo group), served exactly as
    `shipyard serve` serves it: one replica, one logical CPU, one torch thread, on 127.0.0.1.
 3. Requests: greedy completions (`temperature: 0`) of 64-byte code prompts from the held-out
    split, `max_tokens` 64 (--quick 32); self-speculative with the exit layer and draft length

@@ -25,6 +25,7 @@ makes it reproducible. Acceptance statistics count the rounds whose tokens were 
 from __future__ import annotations
 
 import codecs
+import collections
 import queue
 import threading
 import time
@@ -107,52 +108,69 @@ class StepBatcher:
     """Continuous batching of recurrent decoding steps across concurrent requests.
 
     A recurrent LM's state has a fixed size whatever the context length (minRNN: [L, B, E]), so
-    the decoding steps of different requests stack along B with no padding. Each request's
-    thread hands (token, state) to `step` and waits; one worker thread takes whatever is queued
-    when it is free (at most `max_batch`), runs one `model.step` on the stack and hands each row
-    back. Nothing waits for a batch to fill: a lone request runs at batch 1 with no added delay,
-    and under concurrency the steps queued while a batch computes form the next one. Prompts are
-    still prefilled per request (the parallel scan; their lengths differ). Results equal the
-    unbatched ones up to float rounding of the batched matrix products (~1e-7), so a greedy
-    argmax can differ only at a near-tie.
+    the decoding steps of different requests stack along B with no padding. There is no batching
+    thread (flat combining): a request's thread queues its (token, state) and, if no batch is
+    running, runs batches itself, each of the oldest queued steps (at most `max_batch`), until its
+    own step is done; steps that arrive meanwhile wait, and the thread that finishes hands the
+    turn to the oldest waiting one, whose step may already be done. So a lone request
+    runs every step inline in its own thread, with no hand-off and no added delay, and under
+    concurrency the steps queued while a batch computes form the next one. Prompts are still
+    prefilled per request (the parallel scan; their lengths differ). Results equal the unbatched
+    ones up to float rounding of the batched matrix products (~1e-7), so a greedy argmax can
+    differ only at a near-tie.
     """
 
     def __init__(self, model, max_batch: int):
         self.model, self.max_batch = model, max_batch
-        self.queue: queue.Queue = queue.Queue()
+        self._queue: collections.deque = collections.deque()
+        self._queue_lock = threading.Lock()  # guards _queue
+        self._turn = threading.Lock()  # held by the thread running batches
         self.steps = self.batched_rows = self.largest = 0
-        threading.Thread(target=self._work, daemon=True, name="step-batcher").start()
 
     def step(self, token: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        item = {"token": token, "state": state, "done": threading.Event()}
-        self.queue.put(item)
-        item["done"].wait()
+        item = {"token": token, "state": state, "wake": threading.Event()}
+        with self._queue_lock:
+            self._queue.append(item)
+        while "result" not in item and "error" not in item:
+            if self._turn.acquire(blocking=False):
+                try:
+                    while "result" not in item and "error" not in item:
+                        self._run_batch()
+                finally:
+                    self._turn.release()
+                # After the release: a step queued by a thread that found the turn taken is
+                # seen here, so nobody waits on a turn that no one will hand over.
+                self._hand_over()
+            else:
+                item["wake"].wait()
+                item["wake"].clear()
         if "error" in item:
             raise item["error"]
         return item["result"]
 
-    def _work(self) -> None:
-        while True:
-            batch = [self.queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                with torch.no_grad():
-                    tokens = torch.tensor([item["token"] for item in batch])
-                    logits_BV, state = self.model.step(tokens, torch.cat([item["state"] for item in batch], 1))
-                for i, item in enumerate(batch):
-                    item["result"] = (logits_BV[i], state[:, i:i + 1])
-            except Exception as e:  # every waiting request fails with it; the worker goes on
-                for item in batch:
-                    item["error"] = e
-            self.steps += 1
-            self.batched_rows += len(batch)
-            self.largest = max(self.largest, len(batch))
+    def _run_batch(self) -> None:
+        with self._queue_lock:
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        try:
+            with torch.no_grad():
+                tokens = torch.tensor([item["token"] for item in batch])
+                logits_BV, state = self.model.step(tokens, torch.cat([item["state"] for item in batch], 1))
+            for i, item in enumerate(batch):
+                item["result"] = (logits_BV[i], state[:, i:i + 1])
+        except Exception as e:  # every request in the batch fails with it; the others go on
             for item in batch:
-                item["done"].set()
+                item["error"] = e
+        self.steps += 1
+        self.batched_rows += len(batch)
+        self.largest = max(self.largest, len(batch))
+        for item in batch:
+            item["wake"].set()
+
+    def _hand_over(self) -> None:
+        with self._queue_lock:
+            oldest = self._queue[0] if self._queue else None
+        if oldest is not None:
+            oldest["wake"].set()
 
     def stats(self) -> dict:
         return {"max_batch": self.max_batch, "steps": self.steps, "largest_batch": self.largest,
