@@ -153,7 +153,7 @@ def test_ctrl_c_then_resume_reruns_no_finished_trial(tmp_path):
     with both trials finished under the same parent run."""
     home = tmp_path / "home"
     env = {**os.environ, "SHIPYARD_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    path = write_sweep(tmp_path, num_samples=1, max_concurrent=1, space={"train.steps": {"grid": [8, 400]}},
+    path = write_sweep(tmp_path, num_samples=1, max_concurrent=1, space={"train.steps": {"grid": [8, 160]}},
                        scheduler={"type": "none"})
     raw = yaml.safe_load(path.read_text())
     raw["overrides"].update({"train.checkpoint_every": 8, "train.eval_every": 8, "scaling.num_workers": 1,
@@ -170,7 +170,7 @@ def test_ctrl_c_then_resume_reruns_no_finished_trial(tmp_path):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             exp = mlflow.get_experiment_by_name("sweeps") if (home / "mlflow.db").exists() else None
-            runs = mlflow.search_runs([exp.experiment_id], "params.`train.steps` = '400'") if exp else []
+            runs = mlflow.search_runs([exp.experiment_id], "params.`train.steps` = '160'") if exp else []
             if runs and any(m.step >= 10 for m in mlflow.get_metric_history(runs[0].info.run_id, "train/loss")):
                 break
             time.sleep(0.3)
@@ -186,18 +186,18 @@ def test_ctrl_c_then_resume_reruns_no_finished_trial(tmp_path):
     exp = mlflow.get_experiment_by_name("sweeps")
     before = {r.data.params["train.steps"]: r for r in mlflow.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
-    assert before["8"].info.status == "FINISHED" and before["400"].info.status == "KILLED"
+    assert before["8"].info.status == "FINISHED" and before["160"].info.status == "KILLED"
 
     done = subprocess.run([shipyard, "sweep", "--resume", name, "-q"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     after = {r.data.params["train.steps"]: r for r in mlflow.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
-    assert set(after) == {"8", "400"} and len(mlflow.search_runs(
+    assert set(after) == {"8", "160"} and len(mlflow.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 2
     assert after["8"].info.run_id == before["8"].info.run_id
     assert after["8"].info.end_time == before["8"].info.end_time  # not run again
-    assert after["400"].info.run_id == before["400"].info.run_id and after["400"].info.status == "FINISHED"
-    steps = [m.step for m in mlflow.get_metric_history(after["400"].info.run_id, "train/loss")]
-    assert steps == list(range(2, 401, 2)), steps[:10]
+    assert after["160"].info.run_id == before["160"].info.run_id and after["160"].info.status == "FINISHED"
+    steps = [m.step for m in mlflow.get_metric_history(after["160"].info.run_id, "train/loss")]
+    assert steps == list(range(2, 161, 2)), steps[:10]
     assert mlflow.get_run(parent).info.status == "FINISHED"
