@@ -190,13 +190,18 @@ def make_app(served: Served, token_sha256: str | None):
             "auth": token_sha256 is not None,
             **{spec.family: e.describe(served) for e in served.endpoints if e.describe}}]}
 
+    components: dict[str, dict] = {}
     for endpoint in served.endpoints:
-        _add(app, served, endpoint)
-    _add_error_schema(app)
+        for name, schema in _add(app, served, endpoint).items():
+            if components.setdefault(name, schema) != schema:
+                raise ValueError(f"two request models named {name!r} with different schemas")
+    _publish_components(app, components)
     return Guard(app, served.options.max_body_bytes, token_sha256)
 
 
-def _add(app, served: Served, endpoint: Endpoint) -> None:
+def _add(app, served: Served, endpoint: Endpoint) -> dict[str, dict]:
+    """Route `endpoint`; returns the schemas of its request's nested models, which its request
+    schema references as `#/components/schemas/<name>` (the OpenAPI document publishes them)."""
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
@@ -213,26 +218,32 @@ def _add(app, served: Served, endpoint: Endpoint) -> None:
                                  headers={"Cache-Control": "no-cache"})
 
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    request_schema = endpoint.request.model_json_schema(ref_template="#/components/schemas/{model}")
+    nested = request_schema.pop("$defs", {})
     app.add_api_route(
         endpoint.path, route, methods=["POST"], summary=endpoint.summary,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": endpoint.request.model_json_schema()}}}},
+            "schema": request_schema}}}},
         responses={400: {"description": "malformed JSON", "content": error},
                    401: {"description": "missing or wrong bearer token", "content": error},
                    404: {"description": "`model` is not the served one", "content": error},
                    413: {"description": "body above the byte limit", "content": error},
                    422: {"description": "a field is invalid (`param` names it)", "content": error}})
+    return nested
 
 
-def _add_error_schema(app) -> None:
-    """Publish the error body's schema in the OpenAPI document."""
+def _publish_components(app, components: dict[str, dict]) -> None:
+    """Publish the request bodies' nested models and the error body's schema under the OpenAPI
+    document's `components/schemas`, where their references point."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi():
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+            published = schema.setdefault("components", {}).setdefault("schemas", {})
+            published.update(components)
+            published["Error"] = {
                 "type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "param"],
                     "properties": {"message": {"type": "string"}, "type": {"type": "string"},

@@ -90,26 +90,6 @@ Symbols = Annotated[list[str], Field(min_length=1)]
 Text = Annotated[str, Field(min_length=1)]
 
 
-class _Request(Strict):
-    """A request body whose published JSON schema has no `$ref`s: the nested models are inlined,
-    so the schema stands alone inside the OpenAPI document (which has no `$defs` of its own)."""
-
-    @classmethod
-    def model_json_schema(cls, *args, **kwargs) -> dict:
-        schema = super().model_json_schema(*args, **kwargs)
-        defs = schema.pop("$defs", {})
-
-        def inline(node):
-            if isinstance(node, dict):
-                if "$ref" in node:
-                    return inline(defs[node["$ref"].split("/")[-1]])
-                return {k: inline(v) for k, v in node.items()}
-            if isinstance(node, list):
-                return [inline(v) for v in node]
-            return node
-        return inline(schema)
-
-
 class Structure(Strict):
     """One structure for /v1/energy."""
 
@@ -123,7 +103,7 @@ class Structure(Strict):
                           "default: periodic in 3D when a cell is given, else not periodic")
 
 
-class EnergyRequest(_Request):
+class EnergyRequest(Strict):
     """POST /v1/energy: energy, forces and stress of structures (exactly one of structures,
     extxyz)."""
 
@@ -145,7 +125,7 @@ class Crystal(Strict):
                                                             "per atom (or give positions)")
 
 
-class PropertiesRequest(_Request):
+class PropertiesRequest(Strict):
     """POST /v1/properties: the model's property of crystals (exactly one of crystals, cif,
     poscar, extxyz)."""
 
