@@ -5,6 +5,7 @@ model.safetensors exactly as training writes them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,12 +24,15 @@ TINY = {
 
 
 def write_checkpoints(runs: Path, families=("layerskip", "minrnn"), seed: int = 0,
-                      jobs: dict[str, dict] | None = None) -> dict[str, Path]:
+                      jobs: dict[str, dict] | None = None,
+                      before_save: dict[str, Callable] | None = None) -> dict[str, Path]:
     """{family: checkpoint directory}; run names are `serve-<family>`.
 
     `jobs` gives a family's own job blocks ({"model": {...}, "data": {...}, and any other top-level
     block such as "laplace"}, the family name added to "model")
-    in place of the byte-LM defaults, for the families whose endpoints are tested elsewhere."""
+    in place of the byte-LM defaults, for the families whose endpoints are tested elsewhere.
+    `before_save[family](model, spec)` runs on a family's model before it is written (e.g. one
+    training step, so the checkpoint carries what training puts in it)."""
     out = {}
     for family in families:
         blocks = (jobs or {}).get(family) or {"model": TINY[family], "data": {"seq_len": 16}}
@@ -38,5 +42,7 @@ def write_checkpoints(runs: Path, families=("layerskip", "minrnn"), seed: int = 
                           "scaling": {"num_workers": 1}, **extra})
         torch.manual_seed(seed)
         model = MODELS[family].build(spec.model)
+        if before_save and family in before_save:
+            before_save[family](model, spec)
         out[family] = save_model(model, spec, runs / f"serve-{family}" / ckpt.dir_name(0))
     return out

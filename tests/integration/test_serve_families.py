@@ -37,10 +37,20 @@ JOBS = {
 }
 
 
+def one_training_step(model, spec):
+    """What training puts in a UPT checkpoint besides weights: its training normalisation."""
+    from shipyard.cluster import home
+    from shipyard.train.data import collate
+    from shipyard_models.upt import FAMILY
+    train, _ = FAMILY.datasets(spec.model, spec.data, home() / "data")
+    FAMILY.loss(model, collate([train[0], train[1]]), 0, 1)
+
+
 @pytest.fixture(scope="module")
 def apps(ray_cluster, tmp_path_factory):
     from ray import serve
-    checkpoints = write_checkpoints(tmp_path_factory.mktemp("serve-family-runs"), FAMILIES, jobs=JOBS)
+    checkpoints = write_checkpoints(tmp_path_factory.mktemp("serve-family-runs"), FAMILIES, jobs=JOBS,
+                                    before_save={"upt": one_training_step})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -127,14 +137,17 @@ def _upt_body(seed=0, **extra):
 
 
 def _upt_in_process(apps, body, how="latent"):
-    """The model called directly: normalise as the training data did, roll out, undo."""
+    """The model called directly: normalise as the training data did (the normalisation the
+    checkpoint carries, which is the one recomputed from the data), roll out, undo."""
     from shipyard.cluster import home
     from shipyard.spec import parse_job
-    from shipyard_models.upt import normalisation
+    from shipyard_models.upt import normalisation, normalisation_of
     info = model_info(apps, "upt")
     spec = parse_job({"name": "x", "model": {"family": "upt", **info["config"]}, "data": JOBS["upt"]["data"]})
-    norm = normalisation(spec.data, home() / "data")
     model = apps["models"]["upt"]
+    norm, recomputed = normalisation_of(model), normalisation(spec.data, home() / "data")
+    assert norm.scale == pytest.approx(recomputed.scale, rel=1e-6)
+    assert norm.param_mean == pytest.approx(recomputed.param_mean, rel=1e-6)
     pos = torch.tensor(body["input_positions"])
     values = torch.tensor(body["input_values"]) / norm.scale
     params = norm.params(torch.tensor([[-3.5, 0.1]], dtype=torch.float64)).float()
@@ -157,6 +170,27 @@ def test_upt_fields_equal_the_model_rollout_in_process(apps, how):
     assert got["values"] == got["steps"][-1] and got["timestep"] == 3 and got["supernodes"] == 4
     info = model_info(apps, "upt")["upt"]
     assert info["params"] == ["log10_viscosity", "forcing"] and info["value_scale"] == pytest.approx(norm.scale)
+    assert info["normalisation_source"] == "checkpoint"
+
+
+def test_upt_replica_takes_the_normalisation_from_the_checkpoint_without_touching_data(tmp_path, monkeypatch):
+    """In-process (no Ray): a replica of a trained checkpoint reads its units from the checkpoint
+    and simulates nothing; one of an untrained checkpoint (as from before the model kept its
+    normalisation) recomputes it from the job's data block."""
+    from shipyard.cluster import home
+    from shipyard_models.upt import normalisation
+    trained = write_checkpoints(tmp_path / "trained", ("upt",), jobs=JOBS,
+                                before_save={"upt": one_training_step})["upt"]
+    untrained = write_checkpoints(tmp_path / "untrained", ("upt",), jobs=JOBS)["upt"]
+    monkeypatch.setattr("shipyard.cluster.HOME", tmp_path / "serving-node")  # a node without the data
+    served = serving.load(serving.ServeOptions(checkpoint=str(trained)))
+    assert served.state["upt"]["normalisation_source"] == "checkpoint"
+    assert not (home() / "data").exists() or not any((home() / "data").iterdir())
+    legacy = serving.load(serving.ServeOptions(checkpoint=str(untrained)))
+    assert legacy.state["upt"]["normalisation_source"] == "recomputed from data"
+    assert any((home() / "data").iterdir())  # it had to simulate the training trajectories
+    norm, want = served.state["upt"]["norm"], normalisation(served.spec.data, home() / "data")
+    assert legacy.state["upt"]["norm"] == want and norm.scale == pytest.approx(want.scale, rel=1e-6)
 
 
 def test_upt_a_query_point_does_not_depend_on_the_other_queries(apps):

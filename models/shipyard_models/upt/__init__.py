@@ -12,6 +12,9 @@ Deviations of the family seam, and why:
 * The trajectories are simulated once per data configuration and cached as safetensors in the
   platform's cache folder (`.shipyard/data`); validation trajectories are separate simulations
   (seed + 1) with their own parameters, normalised with the training statistics.
+* Those statistics ride along in every sample and the loss copies them into the model's
+  `value_scale` / `param_mean` / `param_std` buffers (as Matformer does with its target
+  statistics), so a checkpoint carries its own units and serving never re-simulates the data.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .data import FlowTransitions, Normalisation
 from .model import UPT, Config
 
 __all__ = ["FAMILY", "Config", "DataConfig", "UPT", "FlowTransitions", "Normalisation", "build",
-           "datasets", "load_flows", "normalisation", "relative_l2"]
+           "datasets", "load_flows", "normalisation", "normalisation_of", "relative_l2"]
 
 
 @dataclass
@@ -112,9 +115,19 @@ def load_flows(data_cfg: DataConfig, cache_dir: Path):
 
 
 def normalisation(data_cfg: DataConfig, cache_dir: Path) -> Normalisation:
-    """The training normalisation alone (what serving needs; no validation trajectories)."""
+    """The training normalisation recomputed from the data (no validation trajectories); serving
+    needs it only for a checkpoint that does not carry it (`normalisation_of`)."""
     train = load_trajectories(data_cfg.flow_spec("train"), cache_dir)
     return Normalisation.of(train["fields"], train["params"])
+
+
+def normalisation_of(model: UPT) -> Normalisation | None:
+    """The training normalisation a trained model keeps in its buffers, or None for a model that
+    never saw a batch (or a checkpoint from before the buffers existed)."""
+    stats = [getattr(model, name).double() for name in UPT.NORMALISATION]
+    if any(bool(t.isnan().any()) for t in stats):
+        return None
+    return Normalisation(float(stats[0]), tuple(stats[1].tolist()), tuple(stats[2].tolist()))
 
 
 def datasets(cfg: Config, data_cfg: DataConfig, cache_dir: Path):
@@ -139,7 +152,12 @@ def relative_l2(pred_BQC: torch.Tensor, target_BQC: torch.Tensor) -> torch.Tenso
 
 
 def _objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-    cfg: Config = getattr(model, "module", model).cfg  # DDP / DeepSpeed wrap the UPT
+    core = getattr(model, "module", model)  # DDP / DeepSpeed wrap the UPT
+    cfg: Config = core.cfg
+    with torch.no_grad():  # the training normalisation travels with the data; keep it in the weights
+        for name in UPT.NORMALISATION:
+            if name in batch:  # the family's items carry it; a hand-built batch may not
+                getattr(core, name).copy_(batch[name][0])
     out = model(batch)
     mse = F.mse_loss(out["prediction"], batch["target"])
     loss = mse

@@ -45,7 +45,8 @@ class FlowTransitions(Dataset):
     """Item i: transition t of trajectory b, resampling r (i = (r * B + b) * T + t) as
     {"input_pos" [N, 2], "input_values" [N, 1], "supernode_pos" [S, 2], "output_pos" [Q, 2],
     "target" [Q, 1] (u_{t+1}), "previous" [Q, 1] (u_t at the outputs: the persistence baseline),
-    "timestep" [] (t), "params" [P] (standardised)}.
+    "timestep" [] (t), "params" [P] (standardised), and the normalisation itself, "value_scale" [],
+    "param_mean" [P], "param_std" [P], which the family's loss copies into the model}.
 
     Args:
         fields: [B, T+1, G, G] trajectories on the grid; params: [B, P] raw physical parameters.
@@ -67,6 +68,9 @@ class FlowTransitions(Dataset):
         self.grid = fields.shape[-1]
         self.coeffs = fourier_coefficients(fields / norm.scale)  # complex64 [B, T+1, G, G]
         self.params = norm.params(params.float()).float()
+        self.norm = {"value_scale": torch.tensor(norm.scale, dtype=torch.float64),
+                     "param_mean": torch.tensor(norm.param_mean, dtype=torch.float64),
+                     "param_std": torch.tensor(norm.param_std, dtype=torch.float64)}
         self.n_in, self.n_out, self.n_super = input_points, output_points, supernodes
         self.resamplings, self.density, self.seed = resamplings, density, seed
         self.trajectories, self.transitions = fields.shape[0], fields.shape[1] - 1
@@ -94,4 +98,5 @@ class FlowTransitions(Dataset):
             "previous": evaluate_series(now, at_output)[:, None],
             "timestep": torch.tensor(float(t)),
             "params": self.params[b],
+            **self.norm,
         }

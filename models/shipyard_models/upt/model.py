@@ -329,6 +329,21 @@ class UPT(nn.Module):
         self.encoder = Encoder(cfg)
         self.approximator = Approximator(cfg)
         self.decoder = Decoder(cfg)
+        # The training data's normalisation (field values are divided by value_scale, physical
+        # parameters standardised with param_mean / param_std), copied in by the family's loss
+        # from the batches that carry it, so a checkpoint knows its own units. NaN until then.
+        nan = float("nan")
+        self.register_buffer("value_scale", torch.tensor(nan))
+        self.register_buffer("param_mean", torch.full((cfg.n_params,), nan))
+        self.register_buffer("param_std", torch.full((cfg.n_params,), nan))
+
+    NORMALISATION = ("value_scale", "param_mean", "param_std")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before the model kept its normalisation: those buffers stay unset
+        for name in self.NORMALISATION:
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, input_pos, input_values, supernode_pos) -> torch.Tensor:
         return self.encoder(input_pos, input_values, supernode_pos)

@@ -56,11 +56,14 @@ class FieldsRequest(Strict):
 
 
 def prepare(served) -> None:
-    """The training normalisation and parameter names, recomputed from the job's data block."""
+    """The training normalisation (the checkpoint's own; recomputed from the job's data block only
+    for a checkpoint from before the model kept it) and the parameter names."""
     from shipyard.cluster import home
-    from shipyard_models.upt import normalisation
-    norm = normalisation(served.spec.data, home() / "data")  # training trajectories only
-    served.state["upt"] = {"norm": norm,
+    from shipyard_models.upt import normalisation, normalisation_of
+    norm, source = normalisation_of(served.model), "checkpoint"
+    if norm is None:  # training trajectories only, simulated here if not cached
+        norm, source = normalisation(served.spec.data, home() / "data"), "recomputed from data"
+    served.state["upt"] = {"norm": norm, "normalisation_source": source,
                            "param_names": served.spec.data.flow_spec("train").param_names}
 
 
@@ -124,4 +127,4 @@ def describe(served) -> dict:
     norm = state["norm"]
     return {"params": list(state["param_names"]), "value_scale": norm.scale,
             "param_mean": list(norm.param_mean), "param_std": list(norm.param_std),
-            "max_horizon": MAX_HORIZON}
+            "normalisation_source": state["normalisation_source"], "max_horizon": MAX_HORIZON}

@@ -161,3 +161,31 @@ def test_latent_and_physical_rollouts():
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         Config(**{**TINY, field: value})
+
+
+def test_the_loss_keeps_the_training_normalisation_in_the_model_and_its_checkpoint(tmp_path):
+    """The family's items carry the training normalisation and its loss copies it into the
+    model's buffers, so a checkpoint carries its own units; a state dict from before those
+    buffers existed still loads (strictly), leaving them unset."""
+    from shipyard.train.data import collate
+    from shipyard_models.upt import DataConfig, load_flows, normalisation_of
+    data = DataConfig(grid=8, train_trajectories=3, val_trajectories=1, snapshots=2, dt=0.25, max_mode=2,
+                      input_points=16, output_points=8, supernodes=4)
+    cfg = Config(**{**TINY, "n_params": 2})
+    train, val = FAMILY.datasets(cfg, data, tmp_path)
+    model = FAMILY.build(cfg)
+    assert normalisation_of(model) is None  # nothing seen yet
+    FAMILY.loss(model, collate([train[0], train[len(train) - 1]]), 0, 1)
+    want, got = load_flows(data, tmp_path)[2], normalisation_of(model)
+    assert got.scale == pytest.approx(want.scale, rel=1e-6)
+    assert got.param_mean == pytest.approx(want.param_mean, rel=1e-6)
+    assert got.param_std == pytest.approx(want.param_std, rel=1e-6)
+    FAMILY.evaluate(model, collate([val[0]]))  # validation items carry the training statistics too
+    assert normalisation_of(model) == got
+    fresh = FAMILY.build(cfg)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert normalisation_of(fresh) == got
+    legacy = {k: v for k, v in model.state_dict().items() if k not in UPT.NORMALISATION}
+    old = FAMILY.build(cfg)
+    old.load_state_dict(legacy, strict=True)
+    assert normalisation_of(old) is None
