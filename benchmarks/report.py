@@ -30,8 +30,14 @@ NOTES = {
     "allegro_partitioner": "The spatial partitioner alone at 10^7 atoms: time, ghosts and message volume per "
                            "step against the number of domains (`python benchmarks/allegro_scaling.py "
                            "--partitioner-only`).",
-    "tokenformer_growth": "TokenFormer progressive growth (small, grown, big from scratch, small continued): "
-                          "FLOPs for the grown model to reach the from-scratch loss "
+    "tokenformer_growth": "TokenFormer progressive growth: S small, G grown x8 after 3000 steps and trained 900 "
+                          "more, B1 big from scratch for 3900, B2 small continued; at a size where Pattention "
+                          "is `pattention_flops_share` (0.80) of the big model's FLOPs and a small step costs "
+                          "`flops_ratio_small_over_big` (0.30) of a big one, so G's whole run costs 0.46 of "
+                          "B1's and reaching B1's loss at all would meet the <= 0.5 goal; it did not (0/3). "
+                          "`val_G_at_B2_flops` against `final_val_B2` compares growth with no growth at equal "
+                          "FLOPs. One-seed probes, none reached: N2 = 300 (G 1.652 vs B1 1.286), x4 growth "
+                          "(G 1.482 vs B2 1.488), tau reset as in the released code (G 1.638) "
                           "(`python benchmarks/tokenformer_growth.py`).",
     "matformer": "Matformer vs a torch-geometric baseline on generated crystals: MAE, throughput, graph "
                  "construction time (`python benchmarks/matformer.py`).",

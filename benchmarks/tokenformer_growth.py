@@ -13,19 +13,39 @@ order and the same peak learning rate for all:
 * G  S grown (every Pattention layer to `factor` times its tokens: zero keys, small random
      values, Adam's moments zero-padded, step count kept) and trained N2 more steps;
 * B1 the big size from scratch, N1 + N2 steps;
-* B2 S simply continued, N2 more steps at the small size.
+* B2 S simply continued, N2 more steps at the small size (the control: what the small stage
+     buys without growth).
+
+Why this size. Growth can only save what the small stage saves: G's small stage alone costs
+r * N1 / (N1 + N2) of B1, r = (FLOPs of a small step) / (FLOPs of a big one). Per token and
+layer (`flops_per_token`) the Pattention layers cost 4D(4 n_qkv + n_ffn), token-token attention
+4TD and the tied head 2VD per model, so the shares do not depend on the width D: growth shrinks
+r only where the Pattention layers dominate the big model's FLOPs, as they do at the paper's
+sizes (a 2048-token context against a width of 2048). At the previous size here (2 layers,
+T = 128 bytes, 16 / 64 tokens grown x4) they were 0.73 of the big model's FLOPs and r = 0.45; now
+(2 layers, T = 64, 8 / 32 tokens grown x8 to 64 / 256, width 64) they are 0.80 (0.33 of the small
+model's) and r = 0.30. x8 tokens is 4.5x parameters here (the embedding is shared); the paper
+grows 124M -> 1.4B, about 11x. Stage budgets follow the paper's shape: its small model is trained
+on the full 300B tokens, each grown stage on 30B (a tenth), three grown stages 0.3 of the
+from-scratch budget in all; here N1 = 3000 steps and N2 = 900 = 0.3 N1, so that G's whole run
+costs 0.46 of B1's (3900 steps): if G reaches B1's final loss at all, it meets the goal.
+`--n2 300` is the paper's last stage alone (a tenth).
 
 Learning rate (the platform's warm-up + cosine-to-10% schedule): with `--schedule stages` (the
 default, what a multi-stage job does, since each stage is its own run) S runs one schedule over
 N1 steps and G and B2 a new one over N2 steps (with a warm-up again), while B1 runs one over
 N1 + N2; with `--schedule global` all four follow one schedule over N1 + N2 steps.
-Validation loss on fixed held-out batches every `eval_every` steps. FLOPs are analytic
-(`flops_per_token`: forward + backward = 3x forward, per token of the batch). G's cost to reach
-B1's final validation loss is counted at the first evaluation where G's loss is at or below it,
-with and without the small stage. Runs in-process with the family's own code (what the
-platform's `grow` stage does, minus Ray); one torch thread.
+Validation loss on fixed held-out batches, every `eval_every_small` steps in the small stage and
+every `eval_every` steps after it. FLOPs are analytic (`flops_per_token`: forward + backward = 3x
+forward, per token of the batch). G's cost to reach B1's final validation loss is counted at the
+first evaluation where G's loss is at or below it, with and without the small stage. Runs
+in-process with the family's own code (what the platform's `grow` stage does, minus Ray); one
+torch thread.
 
 Figures (benchmarks/results/tokenformer_growth.json), means over seeds:
+  pattention_flops_share     the Pattention layers' share of the big model's FLOPs per token
+                             (`_small`: of the small model's)
+  flops_ratio_small_over_big r above: FLOPs of a small step / a big one
   reached_target             fraction of seeds where G reaches B1's final validation loss
   flops_fraction_of_scratch  G's FLOPs to reach it, all stages counted / B1's total FLOPs
                              (null when G never reaches it)
@@ -33,9 +53,19 @@ Figures (benchmarks/results/tokenformer_growth.json), means over seeds:
   steps_to_target            G's total steps (both stages) at that point
   growth_max_logit_change    max |logit change| at growth, float32, over all seeds
   final_val_{S,G,B1,B2}      final validation losses (nats per byte)
-Curves are plotted to benchmarks/results/tokenformer_growth.png.
+  flops_fraction_{G,B2}_total  G's and B2's whole runs / B1's FLOPs
+  B2_reached_target          the same as reached_target for B2 (if B2 gets there as cheaply as
+  B2_flops_fraction_of_scratch  G, growth is not what made it)
+  val_G_at_B2_flops          G's loss once it has spent B2's total FLOPs (linear interpolation
+                             between evaluations), to hold against final_val_B2
+  G_beats_B2_at_equal_flops  fraction of seeds where that loss is below B2's final loss
+  wall_seconds               the whole run
+Curves (against FLOPs and, zoomed, the grown stage by step) go to benchmarks/results/tokenformer_growth.png.
 
-Usage: python benchmarks/tokenformer_growth.py [--quick]  ->  benchmarks/results/tokenformer_growth.json
+Usage: python benchmarks/tokenformer_growth.py [--quick] [--schedule global] [--seeds N]
+       [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K --seq-len T --batch B
+        --n1 N1 --n2 N2 ...]  ->  benchmarks/results/tokenformer_growth.json
+(~19 min on one thread; --quick: one seed, N1 = 1000, N2 = 300, ~2.5 min).
 """
 from __future__ import annotations
 
@@ -51,7 +81,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -60,10 +89,15 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(ROOT / "models"))
     from shipyard_models.tokenformer import FAMILY, Config, DataConfig, flops_per_token, grow
 
-FULL = dict(seeds=[0, 1, 2], dim=64, n_layers=2, n_heads=4, qkv_tokens=16, ffn_tokens=64, factor=4,
-            n1=300, n2=300, batch=16, seq_len=128, lr=3e-3, warmup=30, eval_every=25, val_batches=8,
-            max_bytes=3_000_000)
-QUICK = dict(FULL, seeds=[0], n1=120, n2=120, eval_every=20, val_batches=4, max_bytes=1_000_000)
+FULL = dict(seeds=[0, 1, 2], dim=64, n_layers=2, n_heads=4, qkv_tokens=8, ffn_tokens=32, factor=8,
+            n1=3000, n2=900, batch=32, seq_len=64, lr=3e-3, warmup=30, eval_every_small=150,
+            eval_every=30, val_batches=8, max_bytes=8_000_000)
+QUICK = dict(FULL, seeds=[0], n1=1000, n2=300, eval_every_small=100, eval_every=30, val_batches=4,
+             max_bytes=3_000_000)
+OVERRIDES = {"dim": int, "n_layers": int, "qkv_tokens": int, "ffn_tokens": int, "factor": int,
+             "seq_len": int, "batch": int, "n1": int, "n2": int, "eval_every": int,
+             "eval_every_small": int, "max_bytes": int}
+"""Settings that `--name value` replaces (for probing other sizes; the defaults are FULL's)."""
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -72,6 +106,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pattention_share(cfg: Config, seq_len: int) -> float:
+    """The Pattention layers' part of `flops_per_token` (the rest: token-token attention, head)."""
+    pattention = 3.0 * cfg.n_layers * 2 * (4 * cfg.qkv_tokens * 2 * cfg.dim + cfg.ffn_tokens * 2 * cfg.dim)
+    return pattention / flops_per_token(cfg, seq_len)
 
 
 class Run:
@@ -106,6 +146,19 @@ class Run:
         return loss
 
 
+def first_at_or_below(curve: list[tuple[int, float]], target: float, after: int = -1) -> int | None:
+    """The first evaluated step after `after` whose validation loss is at or below `target`."""
+    return next((st for st, v in curve if st > after and v <= target), None)
+
+
+def loss_at(curve: list[tuple[int, float]], step: float) -> float:
+    """Validation loss at `step`, linearly interpolated between the two evaluations around it."""
+    for (s0, v0), (s1, v1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    raise ValueError(f"step {step} is outside the curve ({curve[0][0]}..{curve[-1][0]})")
+
+
 def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
     small_cfg = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
                        qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"],
@@ -113,13 +166,17 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
     m = (mode["factor"] - 1)
     big_cfg = Config(**{**small_cfg.__dict__, "qkv_tokens": small_cfg.qkv_tokens * mode["factor"],
                         "ffn_tokens": small_cfg.ffn_tokens * mode["factor"]})
-    n1, n2, every = mode["n1"], mode["n2"], mode["eval_every"]
+    n1, n2 = mode["n1"], mode["n2"]
     order = torch.Generator().manual_seed(1000 + seed)
     batches = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist()
                for _ in range(n1 + n2)]
 
     def batch(step):
         return {"tokens": torch.stack([train_set[i]["tokens"] for i in batches[step]])}
+
+    def evaluated(step):  # sparse in the long small stage, dense where G and B2 race to the target
+        every = mode["eval_every_small"] if step <= n1 else mode["eval_every"]
+        return step % every == 0 or step in (n1, n1 + n2)
 
     torch.manual_seed(seed)
     s = Run(FAMILY.build(small_cfg))
@@ -145,7 +202,7 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
         x = batch(step)
         for run in (s, b1) + ((g,) if g else ()):
             run.step(x, step, mode, staged=mode["schedule"] == "stages" and run is not b1)
-        if (step + 1) % every == 0 or step + 1 == n1 + n2:
+        if evaluated(step + 1):
             losses = {name: run.evaluate(step + 1, val_batches)
                       for name, run in (("S/B2", s), ("B1", b1), ("G", g)) if run}
             log(f"seed {seed} step {step + 1:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
@@ -155,51 +212,80 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
                       for c in (small_cfg, big_cfg))
     target = b1.curve[-1][1]
     b1_flops = (n1 + n2) * f_big
-    hit = next(((st, v) for st, v in g.curve if st > n1 and v <= target), None)
+    g_hit = first_at_or_below(g.curve, target, after=n1)
+    b2_hit = first_at_or_below(s.curve, target)
+    g_at_b2_flops = loss_at(g.curve, n1 + n2 * f_small / f_big)  # G's loss once it has spent B2's FLOPs
     out = {
         "seed": seed, "growth_max_logit_change": change, "target": target,
         "final_S": next(v for st, v in s.curve if st == n1), "final_G": g.curve[-1][1],
-        "final_B1": target, "final_B2": s.curve[-1][1],
-        "reached": hit is not None,
+        "final_B1": target, "final_B2": s.curve[-1][1], "G_at_B2_flops": g_at_b2_flops,
+        "G_beats_B2": g_at_b2_flops < s.curve[-1][1],
+        "reached": g_hit is not None, "B2_reached": b2_hit is not None,
         "curves": {"S": [c for c in s.curve if c[0] <= n1], "G": g.curve, "B1": b1.curve,
                    "B2": [c for c in s.curve if c[0] >= n1]},
         "flops_small_per_step": f_small, "flops_big_per_step": f_big,
     }
-    if hit:
-        st = hit[0]
-        out.update(steps_to_target=st, flops_all=(n1 * f_small + (st - n1) * f_big) / b1_flops,
-                   flops_stage=((st - n1) * f_big) / b1_flops)
+    if g_hit:
+        out.update(steps_to_target=g_hit, flops_all=(n1 * f_small + (g_hit - n1) * f_big) / b1_flops,
+                   flops_stage=((g_hit - n1) * f_big) / b1_flops)
+    if b2_hit:
+        out.update(B2_flops=b2_hit * f_small / b1_flops)
     return out
 
 
 def plot(results: list[dict], mode: dict, path: Path) -> None:
+    """Validation loss against FLOPs (fraction of B1's total) and, zoomed, the grown stage."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"S": "tab:blue", "G": "tab:red", "B1": "tab:green", "B2": "tab:orange"}
+    n1 = mode["n1"]
     for r in results:
+        f_small, f_big = r["flops_small_per_step"], r["flops_big_per_step"]
+        b1_flops = (n1 + mode["n2"]) * f_big
+        per_step = {"S": lambda st: st * f_small, "B2": lambda st: st * f_small, "B1": lambda st: st * f_big,
+                    "G": lambda st: min(st, n1) * f_small + max(0, st - n1) * f_big}
         for name, curve in r["curves"].items():
-            ax.plot(*zip(*curve), color=colors[name], alpha=0.8,
-                    label=name if r is results[0] else None)
-    ax.axvline(mode["n1"], color="grey", ls=":", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title(f"TokenFormer growth x{mode['factor']} at step {mode['n1']} ({len(results)} seeds)")
-    ax.legend()
+            curve = [(st, v) for st, v in curve if name != "G" or st >= n1]  # G's start is S's curve
+            label = name if r is results[0] else None
+            axes[0].plot([per_step[name](st) / b1_flops for st, _ in curve], [v for _, v in curve],
+                         color=colors[name], alpha=0.8, label=label)
+            late = [(st, v) for st, v in curve if st >= n1]
+            if len(late) > 1:
+                axes[1].plot(*zip(*late), color=colors[name], alpha=0.8, label=label)
+        for ax in axes:
+            ax.axhline(r["target"], color=colors["B1"], ls=":", lw=0.8)
+    axes[0].axvline(0.5, color="grey", ls="--", lw=1)
+    axes[0].set_xlabel("training FLOPs / B1's total (dashed: the goal, 0.5)")
+    axes[1].set_xlabel(f"step (grown stage: growth at step {n1})")
+    lows = [v for r in results for c in r["curves"].values() for st, v in c if st >= n1]
+    axes[0].set_ylim(min(lows) - 0.05, max(lows) + 0.6)
+    for ax in axes:
+        ax.set_ylabel("validation loss (nats / byte)")
+        ax.legend()
+    fig.suptitle(f"TokenFormer growth x{mode['factor']} after {n1} steps, {mode['n2']} grown steps "
+                 f"({len(results)} seeds; dotted: B1's final loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, fewer steps (~5 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer steps (~3 min, one thread)")
     parser.add_argument("--schedule", choices=["stages", "global"], default="stages",
                         help="a learning-rate schedule per stage (as a multi-stage job) or one for all")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...); default 3 (1 with --quick)")
+    for name, kind in OVERRIDES.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override {name}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokenformer_growth.json")
     args = parser.parse_args()
     mode = {**(QUICK if args.quick else FULL), "schedule": args.schedule}
+    mode.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
+    if args.seeds is not None:
+        mode["seeds"] = list(range(args.seeds))
     torch.set_num_threads(1)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config(max_seq_len=mode["seq_len"])
         train_set, val_set = FAMILY.datasets(cfg, DataConfig(seq_len=mode["seq_len"], max_bytes=mode["max_bytes"]),
@@ -212,25 +298,45 @@ def main() -> None:
                    for seed in mode["seeds"]]
 
     reached = [r for r in results if r["reached"]]
+    b2_reached = [r for r in results if r["B2_reached"]]
     mean = lambda key, rs: round(statistics.fmean(r[key] for r in rs), 4) if rs else None  # noqa: E731
+    small_cfg = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
+                       qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"], max_seq_len=mode["seq_len"])
+    big_cfg = Config(**{**small_cfg.__dict__, "qkv_tokens": small_cfg.qkv_tokens * mode["factor"],
+                        "ffn_tokens": small_cfg.ffn_tokens * mode["factor"]})
+    ratio = flops_per_token(small_cfg, mode["seq_len"]) / flops_per_token(big_cfg, mode["seq_len"])
     figures = {
         "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "schedule": args.schedule,
+        **{k: mode[k] for k in ("dim", "n_layers", "qkv_tokens", "ffn_tokens", "seq_len", "batch")},
         "factor": mode["factor"], "steps_small": mode["n1"], "steps_grown": mode["n2"],
+        "pattention_flops_share": round(pattention_share(big_cfg, mode["seq_len"]), 4),
+        "pattention_flops_share_small": round(pattention_share(small_cfg, mode["seq_len"]), 4),
+        "flops_ratio_small_over_big": round(ratio, 4),
         "reached_target": round(len(reached) / len(results), 4),
         "flops_fraction_of_scratch": mean("flops_all", reached),
         "flops_fraction_stage_only": mean("flops_stage", reached),
         "steps_to_target": mean("steps_to_target", reached),
         "growth_max_logit_change": max(r["growth_max_logit_change"] for r in results),
         **{f"final_val_{k}": mean(f"final_{k}", results) for k in ("S", "G", "B1", "B2")},
-        "flops_fraction_G_total": round((mode["n1"] * results[0]["flops_small_per_step"]
-                                         + mode["n2"] * results[0]["flops_big_per_step"])
-                                        / ((mode["n1"] + mode["n2"]) * results[0]["flops_big_per_step"]), 4),
+        "flops_fraction_G_total": round((mode["n1"] * ratio + mode["n2"]) / (mode["n1"] + mode["n2"]), 4),
+        "flops_fraction_B2_total": round(ratio, 4),
+        "B2_reached_target": round(len(b2_reached) / len(results), 4),
+        "B2_flops_fraction_of_scratch": mean("B2_flops", b2_reached),
+        "val_G_at_B2_flops": mean("G_at_B2_flops", results),
+        "G_beats_B2_at_equal_flops": round(sum(r["G_beats_B2"] for r in results) / len(results), 4),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print(f"{'':4}{'S':>8}{'G':>8}{'B1':>8}{'B2':>8}   final validation loss, mean of {len(results)} seed(s)")
     print(f"{'':4}" + "".join(f"{figures[f'final_val_{k}']:8.3f}" for k in ("S", "G", "B1", "B2")))
+    print(f"Pattention is {figures['pattention_flops_share']} of the big model's FLOPs; a small step costs "
+          f"{figures['flops_ratio_small_over_big']} of a big one")
     print(f"G reached B1's final loss in {len(reached)}/{len(results)} seeds; FLOPs fraction of B1 "
           f"(all stages) {figures['flops_fraction_of_scratch']}, stage only {figures['flops_fraction_stage_only']}; "
           f"G's whole run costs {figures['flops_fraction_G_total']} of B1's")
+    print(f"B2 (no growth) reached it in {len(b2_reached)}/{len(results)} seeds "
+          f"(FLOPs fraction {figures['B2_flops_fraction_of_scratch']}); at B2's final FLOPs "
+          f"({figures['flops_fraction_B2_total']} of B1's) G is at {figures['val_G_at_B2_flops']} vs B2's "
+          f"{figures['final_val_B2']} (G lower in {sum(r['G_beats_B2'] for r in results)}/{len(results)} seeds)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, mode, args.out.with_suffix(".png"))
     args.out.write_text(json.dumps(figures, indent=1) + "\n")
