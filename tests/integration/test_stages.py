@@ -54,6 +54,7 @@ def test_the_grow_job_has_three_stages_small_2x_4x():
     ({"s1": {"transform": "shrink"}}, "stages[1].transform: 'shrink' is not a transform of family tokenformer; choose one of grow"),
     ({"s1": {"args": {"qkv_tokens": -2, "ffn_tokens": 4}}}, "stages[1].args"),
     ({"s1": {"args": {"qkv_token": 2}}}, "stages[1].args.qkv_token: unknown field (did you mean 'qkv_tokens'?)"),
+    ({"s1": {"args": {"qkv_tokens": 8, "init": "copy"}}}, "init must be one of zero, split, got 'copy'"),
     ({"s0": {"transform": "grow"}}, "stages[0].transform: the first stage"),
     ({"s1": {"name": "small"}}, "stages[1].name: 'small' is used by an earlier stage"),
     ({"s1": {"steps": 0}}, "stages[1].steps: 0 must be at least 1"),
@@ -122,6 +123,27 @@ def test_conversion_grows_weights_and_pads_adam_moments(tmp_path, optimizer):
     else:
         assert after["state"][name]["step"] == 0
         assert not after["state"][name]["exp_avg"].any()
+
+
+def test_split_conversion_is_exact_and_splits_adam_moments(tmp_path):
+    """`init: split` through the stage transform: every token becomes two, tau grows by sqrt(2)."""
+    spec = parse_job(tiny_raw(s1={"args": {"qkv_tokens": 8, "ffn_tokens": 16, "init": "split"}}))
+    small_spec, big_spec = stage_spec(spec, 0), stage_spec(spec, 1)
+    source, small = _small_checkpoint(tmp_path, small_spec)
+    convert_local(source, tmp_path / "big", big_spec, spec.stages[1])
+    big, _, _ = load_model(tmp_path / "big")
+    assert float(big.blocks[0].ffn.tau) == pytest.approx(32 ** 0.5)
+    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), small.eval()(x), rtol=0, atol=1e-6)
+    meta = ckpt.read_meta(tmp_path / "big")
+    _, before = read_full_state(source, ckpt.read_meta(source), small_spec, want_optimizer=True)
+    _, after = read_full_state(tmp_path / "big", meta, big_spec, want_optimizer=True)
+    key, value = before["state"]["blocks.1.ffn.key_tokens"], after["state"]["blocks.1.ffn.key_tokens"]
+    assert torch.equal(value["exp_avg"][0::2], key["exp_avg"] / 2)
+    assert torch.equal(value["exp_avg_sq"][1::2], key["exp_avg_sq"] / 4)
+    v_old, v_new = before["state"]["blocks.1.ffn.value_tokens"], after["state"]["blocks.1.ffn.value_tokens"]
+    assert torch.equal(v_new["exp_avg"][1::2], v_old["exp_avg"])
 
 
 def test_continue_from_a_deepspeed_checkpoint_is_refused(tmp_path):

@@ -15,13 +15,16 @@ non-parametric layer norm (no scale, no bias) before attention, before the feed-
 and at the end; the byte embedding is tied to the output head.
 
 Because a parameter token with a zero key contributes GeLU(0) * v = 0, appending zero keys leaves
-every output unchanged -- provided tau does not move. `growth.py` grows models this way.
+every output unchanged -- provided tau does not move. `growth.py` grows models this way, or by
+splitting every token into copies whose values sum to the old one.
 
 Deviations, and why:
-* tau is a buffer fixed when the layer is created, tau = sqrt(initial n), and kept through growth.
-  The released code uses sqrt(current n): then appending m zero keys rescales every activation by
-  sqrt((n + m) / n) and growth is not function-preserving. With tau fixed, a grown model computes
-  exactly what the small one did (tests/models/tokenformer/test_tokenformer_growth.py).
+* tau is a buffer set when the layer is created, tau = sqrt(initial n), and changed only by
+  growth. The released code uses sqrt(current n): then appending m zero keys rescales every
+  activation by sqrt((n + m) / n) and growth is not function-preserving. Zero-key growth keeps tau;
+  split growth (each token split into k copies) multiplies it by sqrt(k), which is again sqrt(n)
+  when the token count grew k-fold. Either way a grown model computes exactly what the small one
+  did (tests/models/tokenformer/test_tokenformer_growth.py).
 * The row norm is clamped below at 1e-12 (the released code divides by it unguarded); only an
   all-zero input row reaches the clamp.
 * No biases, no dropout, no attention-score normalisation tricks; parameter tokens and the
@@ -83,8 +86,8 @@ class Config:
 class Pattention(nn.Module):
     """Token-parameter attention: [..., d_in] -> [..., d_out] through N key/value parameter tokens.
 
-    `tau` is fixed at construction (sqrt of the initial N) and stored with the weights, so
-    `grow` (appending tokens) never changes it.
+    `tau` is set at construction (sqrt of the initial N) and stored with the weights; only
+    `grow` changes it (see growth.py).
     """
 
     def __init__(self, d_in: int, d_out: int, n_tokens: int, init_std: float = 0.02):

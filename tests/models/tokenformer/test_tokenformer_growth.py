@@ -5,6 +5,9 @@ Tolerances: in float64 the grown model does the same arithmetic on the old token
 token dimension, so sums may be reordered: ~1e-15 relative per op, 1e-12 allows for depth. In
 float32 the same reordering gives ~1e-7 relative; we allow 1e-6 absolute on logits of size ~1.
 A tau that followed the token count (the released code) changes logits by ~1e-2, far outside.
+Split growth (`init: split`) replaces each value v by k copies v / k + e_j with sum_j e_j = 0: the
+same sum up to rounding of the noise (std 0.3, ~1e-16 relative in float64, ~1e-7 in float32), so
+the same tolerances hold.
 """
 from __future__ import annotations
 
@@ -59,6 +62,37 @@ def test_a_tau_that_follows_the_token_count_would_break_growth():
                 m.tau.fill_(m.n_tokens ** 0.5)
         moved = (model(x) - before).abs().max().item()
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_split_growth_is_exact_and_reaches_the_released_tau(dtype, atol):
+    """qkv 16 -> 32 (each token split in 2); ffn 32 -> 72 (split in 2, then 8 zero-key tokens)."""
+    model, x = tiny(dtype), tokens()
+    with torch.no_grad():
+        before = model(x)
+        grow(model, qkv_tokens=16, ffn_tokens=40, init="split")
+        after = model(x)
+    assert (model.cfg.qkv_tokens, model.cfg.ffn_tokens) == (32, 72)
+    assert float(model.blocks[1].attn.out.tau) == pytest.approx(32 ** 0.5)  # sqrt(n): the released tau
+    assert float(model.blocks[0].ffn.tau) == pytest.approx(64 ** 0.5)  # sqrt(2 x 32); 8 tokens appended
+    ffn = model.blocks[0].ffn
+    assert torch.equal(ffn.key_tokens[0], ffn.key_tokens[1]) and not ffn.key_tokens[64:].any()
+    assert not torch.equal(ffn.value_tokens[0], ffn.value_tokens[1])  # the noise
+    torch.testing.assert_close(after, before, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.0])
+def test_split_copies_learn_apart_only_with_noise(noise):
+    """Equal copies get equal gradients, so they would stay equal; the zero-sum noise on their
+    values makes their key gradients differ from the first backward on."""
+    model = grow(tiny(), qkv_tokens=16, ffn_tokens=32, init="split", split_noise=noise)
+    lm_loss(model, tokens()).backward()
+    for name, p in model.named_parameters():
+        if name.endswith("key_tokens"):
+            assert p.grad.abs().amax(dim=1).min() > 1e-8, name  # every copy learns
+            first, second = p.grad[0::2], p.grad[1::2]
+            gap = (first - second).abs().max().item() / first.abs().max().item()
+            assert (gap > 1e-3) if noise else (gap < 1e-12), (name, gap)
 
 
 def test_new_keys_get_gradient_after_one_backward():
@@ -125,16 +159,17 @@ def test_step_then_grow_equals_grow_then_step_on_the_old_rows(optimizer):
         assert worst > 1e-4  # lr 1e-2: a restarted Adam moves the old rows differently
 
 
-def test_state_dict_and_optimizer_growth_match_in_place_growth():
+@pytest.mark.parametrize("init,qkv,ffn", [("zero", 4, 8), ("split", 16, 40)])
+def test_state_dict_and_optimizer_growth_match_in_place_growth(init, qkv, ffn):
     model, opt = tiny(), None
     opt = _adam(model)
     _train(model, opt, 2)
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     optim_sd = get_optimizer_state_dict(model, opt)
-    args = GrowArgs(qkv_tokens=4, ffn_tokens=8, seed=3)
+    args = GrowArgs(qkv_tokens=qkv, ffn_tokens=ffn, seed=3, init=init)
     grown_sd = grow_state(model.state_dict(), args)
     grown_optim = grow_optimizer_state(optim_sd, args)
-    grow(model, 4, 8, seed=3, optimizer=opt)
+    grow(model, qkv, ffn, seed=3, init=init, optimizer=opt)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(grown_sd[k], v, rtol=0, atol=0)
     live = get_optimizer_state_dict(model, opt)
@@ -155,3 +190,7 @@ def test_bad_growth_arguments_name_the_field():
         GrowArgs()
     with pytest.raises(ValueError, match="value_std"):
         GrowArgs(qkv_tokens=1, value_std=-1.0)
+    with pytest.raises(ValueError, match="init must be one of zero, split, got 'copy'"):
+        GrowArgs(qkv_tokens=1, init="copy")
+    with pytest.raises(ValueError, match="split_noise must be 0 or more"):
+        GrowArgs(qkv_tokens=1, split_noise=-0.1)
