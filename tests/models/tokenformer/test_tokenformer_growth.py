@@ -6,7 +6,7 @@ token dimension, so sums may be reordered: ~1e-15 relative per op, 1e-12 allows 
 float32 the same reordering gives ~1e-7 relative; we allow 1e-6 absolute on logits of size ~1.
 A tau that followed the token count (the released code) changes logits by ~1e-2, far outside.
 Split growth (`init: split`) replaces each value v by k copies v / k + e_j with sum_j e_j = 0: the
-same sum up to rounding of the noise (std 0.3, ~1e-16 relative in float64, ~1e-7 in float32), so
+same sum up to rounding of the noise (std 0.15 by default, ~1e-16 relative in float64, ~1e-7 in float32), so
 the same tolerances hold.
 """
 from __future__ import annotations

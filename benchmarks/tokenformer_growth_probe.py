@@ -1,0 +1,90 @@
+"""One-seed probes of the grown stage of benchmarks/tokenformer_growth.py: how growth settings
+change where G ends.
+
+The small model S is trained once per seed (N1 steps, the benchmark's FULL settings, its batches
+and schedule) and cached; each probe grows a copy of it by `factor` with the given settings and
+trains N2 steps, evaluating along the way. Much cheaper than the benchmark (no B1, B2 or second
+method): ~2 min for S, ~3.5 min a probe, one thread. The benchmark is what the README's claims
+rest on; these probes are how its settings were chosen (their lines go to
+benchmarks/results/tokenformer_growth_probes.jsonl, one per probe).
+
+Usage: python benchmarks/tokenformer_growth_probe.py NAME [init=split] [noise=0.15] [factor=16]
+       [lr=1.0 (multiplier of the grown stage's peak)] [warm=30 (its warm-up steps)] [seed=0]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tokenformer_growth as bench  # noqa: E402
+
+from shipyard_models.tokenformer import FAMILY, Config, DataConfig, grow  # noqa: E402
+
+OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int}
+EVALS = (15, 60, 150, 300, 450, 600, 750, 900)  # grown steps at which to evaluate
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or "=" in sys.argv[1]:
+        sys.exit(__doc__)
+    name, opts = sys.argv[1], {"init": "split", "noise": 0.15, "factor": 16, "lr": 1.0, "warm": None, "seed": 0}
+    for arg in sys.argv[2:]:
+        key, _, value = arg.partition("=")
+        if key not in OPTIONS:
+            sys.exit(f"unknown option {key!r}; choose from {', '.join(OPTIONS)}")
+        opts[key] = OPTIONS[key](value)
+    mode = {**bench.FULL, "schedule": "stages"}
+    seed, n1, n2 = opts["seed"], mode["n1"], mode["n2"]
+    torch.set_num_threads(1)
+    cfg = Config(max_seq_len=mode["seq_len"])
+    train_set, val_set = FAMILY.datasets(cfg, DataConfig(seq_len=mode["seq_len"], max_bytes=mode["max_bytes"]),
+                                         Path(tempfile.mkdtemp()))
+    every = max(1, len(val_set) // (mode["val_batches"] * mode["batch"]))
+    idx = list(range(0, len(val_set), every))[:mode["val_batches"] * mode["batch"]]
+    val = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]])}
+           for k in range(0, len(idx), mode["batch"])]
+    order = torch.Generator().manual_seed(1000 + seed)  # the benchmark's batches, in its order
+    batches = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist() for _ in range(n1 + n2)]
+
+    def batch(step):
+        return {"tokens": torch.stack([train_set[i]["tokens"] for i in batches[step]])}
+
+    small = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
+                   qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"], max_seq_len=mode["seq_len"])
+    cache = Path(tempfile.gettempdir()) / f"shipyard-tokenformer-S-seed{seed}-{n1}.pt"
+    torch.manual_seed(seed)
+    run = bench.Run(FAMILY.build(small))
+    if cache.exists():
+        state = torch.load(cache, weights_only=True)
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["opt"])
+    else:
+        t0 = time.perf_counter()
+        for step in range(n1):
+            run.step(batch(step), step, mode, staged=True)
+        torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict()}, cache)
+        print(f"S trained in {time.perf_counter() - t0:.0f} s (cached at {cache})", flush=True)
+    curve = [(n1, round(run.evaluate(n1, val), 4))]
+    m = opts["factor"] - 1
+    grow(run.model, qkv_tokens=small.qkv_tokens * m, ffn_tokens=small.ffn_tokens * m, seed=seed,
+         init=opts["init"], split_noise=opts["noise"], optimizer=run.opt)
+    grown_mode = {**mode, "lr": mode["lr"] * opts["lr"], "warmup": opts["warm"] or mode["warmup"]}
+    t0 = time.perf_counter()
+    for step in range(n1, n1 + n2):
+        run.step(batch(step), step, grown_mode, staged=True)
+        if step + 1 - n1 in EVALS:
+            curve.append((step + 1, round(run.evaluate(step + 1, val), 4)))
+            print(f"{name} step {step + 1}: {curve[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    out = bench.ROOT / "benchmarks" / "results" / "tokenformer_growth_probes.jsonl"
+    with out.open("a") as f:
+        f.write(json.dumps({"name": name, **opts, "curve": curve}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
