@@ -30,15 +30,22 @@ NOTES = {
     "allegro_partitioner": "The spatial partitioner alone at 10^7 atoms: time, ghosts and message volume per "
                            "step against the number of domains (`python benchmarks/allegro_scaling.py "
                            "--partitioner-only`).",
-    "tokenformer_growth": "TokenFormer progressive growth: S small, G grown x8 after 3000 steps and trained 900 "
-                          "more, B1 big from scratch for 3900, B2 small continued; at a size where Pattention "
-                          "is `pattention_flops_share` (0.80) of the big model's FLOPs and a small step costs "
-                          "`flops_ratio_small_over_big` (0.30) of a big one, so G's whole run costs 0.46 of "
-                          "B1's and reaching B1's loss at all would meet the <= 0.5 goal; it did not (0/3). "
+    "tokenformer_growth": "TokenFormer progressive growth: S small, G grown x`factor` after `steps_small` steps "
+                          "and trained `steps_grown` more, B1 big from scratch for both, B2 small continued; G "
+                          "uses `growth_init` growth (split: every parameter token into `factor` copies), "
+                          "G_zero the paper's zero-key growth. At a size where Pattention is "
+                          "`pattention_flops_share` of the big model's FLOPs and a small step costs "
+                          "`flops_ratio_small_over_big` of a big one, G's whole run costs "
+                          "`flops_fraction_G_total` of B1's, so reaching B1's final loss at all would meet the "
+                          "<= 0.5 goal. `val_B1_at_G_flops` is where B1 stood at G's total cost; "
                           "`val_G_at_B2_flops` against `final_val_B2` compares growth with no growth at equal "
-                          "FLOPs. One-seed probes, none reached: N2 = 300 (G 1.652 vs B1 1.286), x4 growth "
-                          "(G 1.482 vs B2 1.488), tau reset as in the released code (G 1.638) "
+                          "FLOPs. One-seed probes of the grown stage (noise, warm-up, learning rate): "
+                          "benchmarks/results/tokenformer_growth_probes.jsonl, README "
                           "(`python benchmarks/tokenformer_growth.py`).",
+    "tokenformer_growth_x8": "The previous size of the same benchmark (width 64, 8 / 32 tokens grown x8, "
+                             "zero-key growth only; the script has since gained split growth): `python "
+                             "benchmarks/tokenformer_growth.py --dim 64 --qkv-tokens 8 --ffn-tokens 32 "
+                             "--factor 8 --inits zero`.",
     "matformer": "Matformer vs a torch-geometric baseline on generated crystals: MAE, throughput, graph "
                  "construction time (`python benchmarks/matformer.py`).",
     "upt": "Universal Physics Transformer vs an FNO (neuraloperator 2.0) on the same generated Navier-Stokes "
@@ -64,7 +71,10 @@ HEADLINES = {
     "allegro_scaling": ["throughput_ratio_vs_reference", "throughput_ratio_vs_reference_min",
                         "time_per_atom_ratio_largest_vs_smallest", "partition_max_force_error",
                         "weak_scaling_efficiency_2_actors"],
-    "tokenformer_growth": ["reached_target", "flops_fraction_of_scratch", "growth_max_logit_change"],
+    "tokenformer_growth": ["reached_target", "flops_fraction_of_scratch", "final_val_G", "final_val_B1",
+                           "val_B1_at_G_flops", "reached_target_zero", "final_val_G_zero",
+                           "growth_max_logit_change"],
+    "tokenformer_growth_x8": ["reached_target", "final_val_G", "final_val_B1"],
     "matformer": ["mae_ratio_vs_baseline", "mae_over_target_std", "graph_build_ms_per_structure"],
     "upt": ["rollout_error_ratio_vs_fno", "step_time_ratio_16x_points", "one_step_error_vs_persistence",
             "fno_one_step_error_vs_persistence", "step_peak_memory_ratio_16x_points"],

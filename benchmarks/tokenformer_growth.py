@@ -10,8 +10,12 @@ Per seed, on byte windows of the standard library's source, with the same batche
 order and the same peak learning rate for all:
 
 * S  the small model, N1 steps;
-* G  S grown (every Pattention layer to `factor` times its tokens: zero keys, small random
-     values, Adam's moments zero-padded, step count kept) and trained N2 more steps;
+* G  S grown to `factor` times its parameter tokens in every Pattention layer by `split`
+     growth (each token becomes `factor` copies with value / factor plus zero-sum noise, tau
+     times sqrt(factor): exact, and tau ends at the released code's sqrt(n); growth.py), Adam's
+     moments split alike and its step count kept, then trained N2 more steps;
+* G_zero the same with the paper's zero-key growth (zero keys, small random values, moments
+     zero-padded, tau fixed): the issue's recipe, kept as a contender (`--inits` picks methods);
 * B1 the big size from scratch, N1 + N2 steps;
 * B2 S simply continued, N2 more steps at the small size (the control: what the small stage
      buys without growth).
@@ -21,14 +25,17 @@ r * N1 / (N1 + N2) of B1, r = (FLOPs of a small step) / (FLOPs of a big one). Pe
 layer (`flops_per_token`) the Pattention layers cost 4D(4 n_qkv + n_ffn), token-token attention
 4TD and the tied head 2VD per model, so the shares do not depend on the width D: growth shrinks
 r only where the Pattention layers dominate the big model's FLOPs, as they do at the paper's
-sizes (a 2048-token context against a width of 2048). At the previous size here (2 layers,
-T = 128 bytes, 16 / 64 tokens grown x4) they were 0.73 of the big model's FLOPs and r = 0.45; now
-(2 layers, T = 64, 8 / 32 tokens grown x8 to 64 / 256, width 64) they are 0.80 (0.33 of the small
-model's) and r = 0.30. x8 tokens is 4.5x parameters here (the embedding is shared); the paper
-grows 124M -> 1.4B, about 11x. Stage budgets follow the paper's shape: its small model is trained
+sizes. The paper keeps the width (768) and grows the parameter tokens 576 -> 8620 (15x, 124M ->
+1.4B parameters, 11x). Here: width 32, 2 layers, T = 64 bytes, 16 / 64 tokens grown x16 to
+256 / 1024; 24.6k -> 270k parameters (11x, the embedding is shared), Pattention 0.94 of the big
+model's FLOPs (0.50 of the small model's), r = 0.12. The small model has fewer parameter tokens
+than its width (n / D = 0.5 for Q/K/V/O; the paper's 0.75), as the paper's does; the big one many
+more (8 and 32; the paper's 11). Earlier sizes (README): width 64 with 8 / 32 tokens x8 (r = 0.30,
+a small model whose attention projections have rank 8 of 64) and 16 / 64 tokens x4 at T = 128
+(r = 0.45). Stage budgets follow the paper's shape: its small model is trained
 on the full 300B tokens, each grown stage on 30B (a tenth), three grown stages 0.3 of the
 from-scratch budget in all; here N1 = 3000 steps and N2 = 900 = 0.3 N1, so that G's whole run
-costs 0.46 of B1's (3900 steps): if G reaches B1's final loss at all, it meets the goal.
+costs 0.32 of B1's (3900 steps): if G reaches B1's final loss at all, it meets the goal.
 `--n2 300` is the paper's last stage alone (a tenth).
 
 Learning rate (the platform's warm-up + cosine-to-10% schedule): with `--schedule stages` (the
@@ -52,20 +59,24 @@ Figures (benchmarks/results/tokenformer_growth.json), means over seeds:
   flops_fraction_stage_only  the same without the small stage
   steps_to_target            G's total steps (both stages) at that point
   growth_max_logit_change    max |logit change| at growth, float32, over all seeds
+  growth_init                G's growth method
   final_val_{S,G,B1,B2}      final validation losses (nats per byte)
+  val_B1_at_G_flops          B1's loss once it has spent what G's whole run costs
   flops_fraction_{G,B2}_total  G's and B2's whole runs / B1's FLOPs
   B2_reached_target          the same as reached_target for B2 (if B2 gets there as cheaply as
   B2_flops_fraction_of_scratch  G, growth is not what made it)
   val_G_at_B2_flops          G's loss once it has spent B2's total FLOPs (linear interpolation
                              between evaluations), to hold against final_val_B2
   G_beats_B2_at_equal_flops  fraction of seeds where that loss is below B2's final loss
+  ..._zero                   the G figures again for G_zero (zero-key growth)
   wall_seconds               the whole run
 Curves (against FLOPs and, zoomed, the grown stage by step) go to benchmarks/results/tokenformer_growth.png.
 
 Usage: python benchmarks/tokenformer_growth.py [--quick] [--schedule global] [--seeds N]
-       [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K --seq-len T --batch B
-        --n1 N1 --n2 N2 ...]  ->  benchmarks/results/tokenformer_growth.json
-(~19 min on one thread; --quick: one seed, N1 = 1000, N2 = 300, ~2.5 min).
+       [--inits split,zero] [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K
+        --seq-len T --batch B --n1 N1 --n2 N2 ...]  ->  benchmarks/results/tokenformer_growth.json
+(79 min measured on one thread with the test suite on the other core; --quick: one seed, N1 = 1000,
+N2 = 300, ~5 min).
 """
 from __future__ import annotations
 
@@ -85,11 +96,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 try:
     from shipyard_models.tokenformer import FAMILY, Config, DataConfig, flops_per_token, grow
+    from shipyard_models.tokenformer.growth import INITS
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(ROOT / "models"))
     from shipyard_models.tokenformer import FAMILY, Config, DataConfig, flops_per_token, grow
+    from shipyard_models.tokenformer.growth import INITS
 
-FULL = dict(seeds=[0, 1, 2], dim=64, n_layers=2, n_heads=4, qkv_tokens=8, ffn_tokens=32, factor=8,
+FULL = dict(seeds=[0, 1, 2], dim=32, n_layers=2, n_heads=4, qkv_tokens=16, ffn_tokens=64, factor=16,
             n1=3000, n2=900, batch=32, seq_len=64, lr=3e-3, warmup=30, eval_every_small=150,
             eval_every=30, val_batches=8, max_bytes=8_000_000)
 QUICK = dict(FULL, seeds=[0], n1=1000, n2=300, eval_every_small=100, eval_every=30, val_batches=4,
@@ -178,33 +191,35 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
         every = mode["eval_every_small"] if step <= n1 else mode["eval_every"]
         return step % every == 0 or step in (n1, n1 + n2)
 
+    change: dict[str, float] = {}  # growth method -> max |logit change| at growth
     torch.manual_seed(seed)
     s = Run(FAMILY.build(small_cfg))
     torch.manual_seed(seed)
     b1 = Run(FAMILY.build(big_cfg))
     for run in (s, b1):
         run.evaluate(0, val_batches)
-    g = None
+    grown: dict[str, Run] = {}  # growth method -> G run
     t0 = time.perf_counter()
     for step in range(n1 + n2):
-        if step == n1:  # branch G off S: grow model and optimizer, then S continues as B2
-            g_model = copy.deepcopy(s.model)
-            g_opt = torch.optim.AdamW(g_model.parameters(), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
-            g_opt.load_state_dict(copy.deepcopy(s.opt.state_dict()))
+        if step == n1:  # branch G off S for each growth method, then S continues as B2
             probe = val_batches[0]["tokens"][:, :-1]
-            with torch.no_grad():
-                before = g_model.eval()(probe)
-                grow(g_model, qkv_tokens=small_cfg.qkv_tokens * m, ffn_tokens=small_cfg.ffn_tokens * m,
-                     seed=seed, optimizer=g_opt)
-                change = (g_model(probe) - before).abs().max().item()
-            g = Run(g_model, g_opt)
-            g.curve = list(s.curve)
+            for init in mode["inits"]:
+                g_model = copy.deepcopy(s.model)
+                g_opt = torch.optim.AdamW(g_model.parameters(), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
+                g_opt.load_state_dict(copy.deepcopy(s.opt.state_dict()))
+                with torch.no_grad():
+                    before = g_model.eval()(probe)
+                    grow(g_model, qkv_tokens=small_cfg.qkv_tokens * m, ffn_tokens=small_cfg.ffn_tokens * m,
+                         seed=seed, init=init, optimizer=g_opt)
+                    change[init] = (g_model(probe) - before).abs().max().item()
+                grown[init] = Run(g_model, g_opt)
+                grown[init].curve = list(s.curve)
         x = batch(step)
-        for run in (s, b1) + ((g,) if g else ()):
+        for run in (s, b1, *grown.values()):
             run.step(x, step, mode, staged=mode["schedule"] == "stages" and run is not b1)
         if evaluated(step + 1):
-            losses = {name: run.evaluate(step + 1, val_batches)
-                      for name, run in (("S/B2", s), ("B1", b1), ("G", g)) if run}
+            runs = [("S/B2", s), ("B1", b1)] + [(_label(init, mode), run) for init, run in grown.items()]
+            losses = {name: run.evaluate(step + 1, val_batches) for name, run in runs}
             log(f"seed {seed} step {step + 1:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
                 + f"  ({time.perf_counter() - t0:.0f} s)")
 
@@ -212,25 +227,34 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
                       for c in (small_cfg, big_cfg))
     target = b1.curve[-1][1]
     b1_flops = (n1 + n2) * f_big
-    g_hit = first_at_or_below(g.curve, target, after=n1)
     b2_hit = first_at_or_below(s.curve, target)
-    g_at_b2_flops = loss_at(g.curve, n1 + n2 * f_small / f_big)  # G's loss once it has spent B2's FLOPs
     out = {
-        "seed": seed, "growth_max_logit_change": change, "target": target,
-        "final_S": next(v for st, v in s.curve if st == n1), "final_G": g.curve[-1][1],
-        "final_B1": target, "final_B2": s.curve[-1][1], "G_at_B2_flops": g_at_b2_flops,
-        "G_beats_B2": g_at_b2_flops < s.curve[-1][1],
-        "reached": g_hit is not None, "B2_reached": b2_hit is not None,
-        "curves": {"S": [c for c in s.curve if c[0] <= n1], "G": g.curve, "B1": b1.curve,
+        "seed": seed, "target": target, "final_S": next(v for st, v in s.curve if st == n1),
+        "final_B1": target, "final_B2": s.curve[-1][1], "B2_reached": b2_hit is not None,
+        "curves": {"S": [c for c in s.curve if c[0] <= n1], "B1": b1.curve,
                    "B2": [c for c in s.curve if c[0] >= n1]},
-        "flops_small_per_step": f_small, "flops_big_per_step": f_big,
+        "flops_small_per_step": f_small, "flops_big_per_step": f_big, "growth": {},
     }
-    if g_hit:
-        out.update(steps_to_target=g_hit, flops_all=(n1 * f_small + (g_hit - n1) * f_big) / b1_flops,
-                   flops_stage=((g_hit - n1) * f_big) / b1_flops)
     if b2_hit:
         out.update(B2_flops=b2_hit * f_small / b1_flops)
+    for init, g in grown.items():
+        g_hit = first_at_or_below(g.curve, target, after=n1)
+        g_at_b2_flops = loss_at(g.curve, n1 + n2 * f_small / f_big)  # G's loss once it has spent B2's FLOPs
+        res = {"growth_max_logit_change": change[init], "final_G": g.curve[-1][1],
+               "G_at_B2_flops": g_at_b2_flops, "G_beats_B2": g_at_b2_flops < s.curve[-1][1],
+               "reached": g_hit is not None,
+               "B1_at_G_flops": loss_at(b1.curve, n1 * f_small / f_big + n2)}
+        if g_hit:
+            res.update(steps_to_target=g_hit, flops_all=(n1 * f_small + (g_hit - n1) * f_big) / b1_flops,
+                       flops_stage=((g_hit - n1) * f_big) / b1_flops)
+        out["growth"][init] = res
+        out["curves"][_label(init, mode)] = g.curve
     return out
+
+
+def _label(init: str, mode: dict) -> str:
+    """G for the first growth method of the run, G_<method> for the others."""
+    return "G" if init == mode["inits"][0] else f"G_{init}"
 
 
 def plot(results: list[dict], mode: dict, path: Path) -> None:
@@ -239,17 +263,19 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"S": "tab:blue", "G": "tab:red", "B1": "tab:green", "B2": "tab:orange"}
+    colors = {"S": "tab:blue", "G": "tab:red", "B1": "tab:green", "B2": "tab:orange", "G_zero": "tab:purple",
+              "G_split": "tab:brown"}
     n1 = mode["n1"]
     for r in results:
         f_small, f_big = r["flops_small_per_step"], r["flops_big_per_step"]
         b1_flops = (n1 + mode["n2"]) * f_big
-        per_step = {"S": lambda st: st * f_small, "B2": lambda st: st * f_small, "B1": lambda st: st * f_big,
-                    "G": lambda st: min(st, n1) * f_small + max(0, st - n1) * f_big}
+        per_step = {"S": lambda st: st * f_small, "B2": lambda st: st * f_small, "B1": lambda st: st * f_big}
+        grown = lambda st: min(st, n1) * f_small + max(0, st - n1) * f_big  # noqa: E731
         for name, curve in r["curves"].items():
-            curve = [(st, v) for st, v in curve if name != "G" or st >= n1]  # G's start is S's curve
+            is_g = name.startswith("G")
+            curve = [(st, v) for st, v in curve if not is_g or st >= n1]  # G's start is S's curve
             label = name if r is results[0] else None
-            axes[0].plot([per_step[name](st) / b1_flops for st, _ in curve], [v for _, v in curve],
+            axes[0].plot([(grown(st) if is_g else per_step[name](st)) / b1_flops for st, _ in curve], [v for _, v in curve],
                          color=colors[name], alpha=0.8, label=label)
             late = [(st, v) for st, v in curve if st >= n1]
             if len(late) > 1:
@@ -265,7 +291,7 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
         ax.set_ylabel("validation loss (nats / byte)")
         ax.legend()
     fig.suptitle(f"TokenFormer growth x{mode['factor']} after {n1} steps, {mode['n2']} grown steps "
-                 f"({len(results)} seeds; dotted: B1's final loss)")
+                 f"(G: {mode['inits'][0]} growth; {len(results)} seeds; dotted: B1's final loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -276,6 +302,9 @@ def main() -> None:
     parser.add_argument("--schedule", choices=["stages", "global"], default="stages",
                         help="a learning-rate schedule per stage (as a multi-stage job) or one for all")
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...); default 3 (1 with --quick)")
+    parser.add_argument("--inits", default="split,zero",
+                        help="growth methods (GrowArgs.init), comma-separated; the first is G, the "
+                             "others G_<method> (default split,zero)")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override {name}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokenformer_growth.json")
@@ -284,6 +313,10 @@ def main() -> None:
     mode.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
     if args.seeds is not None:
         mode["seeds"] = list(range(args.seeds))
+    mode["inits"] = args.inits.split(",")
+    for init in mode["inits"]:
+        if init not in INITS:
+            parser.error(f"--inits: {init!r} is not a growth method; choose from {', '.join(INITS)}")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +330,6 @@ def main() -> None:
         results = [one_seed(seed, mode, train_set, val_batches, lambda t: print(t, flush=True))
                    for seed in mode["seeds"]]
 
-    reached = [r for r in results if r["reached"]]
     b2_reached = [r for r in results if r["B2_reached"]]
     mean = lambda key, rs: round(statistics.fmean(r[key] for r in rs), 4) if rs else None  # noqa: E731
     small_cfg = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
@@ -309,34 +341,52 @@ def main() -> None:
         "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "schedule": args.schedule,
         **{k: mode[k] for k in ("dim", "n_layers", "qkv_tokens", "ffn_tokens", "seq_len", "batch")},
         "factor": mode["factor"], "steps_small": mode["n1"], "steps_grown": mode["n2"],
+        "growth_init": mode["inits"][0],
         "pattention_flops_share": round(pattention_share(big_cfg, mode["seq_len"]), 4),
         "pattention_flops_share_small": round(pattention_share(small_cfg, mode["seq_len"]), 4),
         "flops_ratio_small_over_big": round(ratio, 4),
-        "reached_target": round(len(reached) / len(results), 4),
-        "flops_fraction_of_scratch": mean("flops_all", reached),
-        "flops_fraction_stage_only": mean("flops_stage", reached),
-        "steps_to_target": mean("steps_to_target", reached),
-        "growth_max_logit_change": max(r["growth_max_logit_change"] for r in results),
-        **{f"final_val_{k}": mean(f"final_{k}", results) for k in ("S", "G", "B1", "B2")},
+    }
+    for init in mode["inits"]:  # G's figures unsuffixed, the other methods' with _<method>
+        per_seed = [r["growth"][init] for r in results]
+        reached = [g for g in per_seed if g["reached"]]
+        suffix = "" if init == mode["inits"][0] else f"_{init}"
+        figures.update({
+            f"reached_target{suffix}": round(len(reached) / len(results), 4),
+            f"flops_fraction_of_scratch{suffix}": mean("flops_all", reached),
+            f"flops_fraction_stage_only{suffix}": mean("flops_stage", reached),
+            f"steps_to_target{suffix}": mean("steps_to_target", reached),
+            f"growth_max_logit_change{suffix}": max(g["growth_max_logit_change"] for g in per_seed),
+            f"final_val_G{suffix}": mean("final_G", per_seed),
+            f"val_G{suffix}_at_B2_flops": mean("G_at_B2_flops", per_seed),
+            f"G{suffix}_beats_B2_at_equal_flops": round(sum(g["G_beats_B2"] for g in per_seed) / len(results), 4),
+        })
+    figures.update({
+        **{f"final_val_{k}": mean(f"final_{k}", results) for k in ("S", "B1", "B2")},
+        "val_B1_at_G_flops": mean("B1_at_G_flops", [r["growth"][mode["inits"][0]] for r in results]),
         "flops_fraction_G_total": round((mode["n1"] * ratio + mode["n2"]) / (mode["n1"] + mode["n2"]), 4),
         "flops_fraction_B2_total": round(ratio, 4),
         "B2_reached_target": round(len(b2_reached) / len(results), 4),
         "B2_flops_fraction_of_scratch": mean("B2_flops", b2_reached),
-        "val_G_at_B2_flops": mean("G_at_B2_flops", results),
-        "G_beats_B2_at_equal_flops": round(sum(r["G_beats_B2"] for r in results) / len(results), 4),
         "wall_seconds": round(time.perf_counter() - t0, 1),
-    }
-    print(f"{'':4}{'S':>8}{'G':>8}{'B1':>8}{'B2':>8}   final validation loss, mean of {len(results)} seed(s)")
-    print(f"{'':4}" + "".join(f"{figures[f'final_val_{k}']:8.3f}" for k in ("S", "G", "B1", "B2")))
+    })
+    labels = ["S", "B1", "B2"] + [_label(i, mode) for i in mode["inits"]]
+    finals = [figures[f"final_val_{k}"] for k in ("S", "B1", "B2")] + [
+        figures["final_val_G" + ("" if i == mode["inits"][0] else f"_{i}")] for i in mode["inits"]]
+    print("".join(f"{k:>9}" for k in labels) + f"   final validation loss, mean of {len(results)} seed(s)")
+    print("".join(f"{v:9.3f}" for v in finals))
     print(f"Pattention is {figures['pattention_flops_share']} of the big model's FLOPs; a small step costs "
-          f"{figures['flops_ratio_small_over_big']} of a big one")
-    print(f"G reached B1's final loss in {len(reached)}/{len(results)} seeds; FLOPs fraction of B1 "
-          f"(all stages) {figures['flops_fraction_of_scratch']}, stage only {figures['flops_fraction_stage_only']}; "
-          f"G's whole run costs {figures['flops_fraction_G_total']} of B1's")
+          f"{figures['flops_ratio_small_over_big']} of a big one; a grown run costs "
+          f"{figures['flops_fraction_G_total']} of B1's, where B1 was at {figures['val_B1_at_G_flops']}")
+    for init in mode["inits"]:
+        suffix = "" if init == mode["inits"][0] else f"_{init}"
+        print(f"{_label(init, mode)} ({init} growth) reached B1's final loss in "
+              f"{round(figures['reached_target' + suffix] * len(results))}/{len(results)} seeds; FLOPs fraction "
+              f"of B1 (all stages) {figures['flops_fraction_of_scratch' + suffix]}, stage only "
+              f"{figures['flops_fraction_stage_only' + suffix]}; at B2's final FLOPs "
+              f"({figures['flops_fraction_B2_total']} of B1's) it is at {figures[f'val_G{suffix}_at_B2_flops']} vs "
+              f"B2's {figures['final_val_B2']}")
     print(f"B2 (no growth) reached it in {len(b2_reached)}/{len(results)} seeds "
-          f"(FLOPs fraction {figures['B2_flops_fraction_of_scratch']}); at B2's final FLOPs "
-          f"({figures['flops_fraction_B2_total']} of B1's) G is at {figures['val_G_at_B2_flops']} vs B2's "
-          f"{figures['final_val_B2']} (G lower in {sum(r['G_beats_B2'] for r in results)}/{len(results)} seeds)")
+          f"(FLOPs fraction {figures['B2_flops_fraction_of_scratch']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, mode, args.out.with_suffix(".png"))
     args.out.write_text(json.dumps(figures, indent=1) + "\n")
