@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -172,20 +173,38 @@ def loss_at(curve: list[tuple[int, float]], step: float) -> float:
     raise ValueError(f"step {step} is outside the curve ({curve[0][0]}..{curve[-1][0]})")
 
 
-def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
-    small_cfg = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
-                       qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"],
-                       max_seq_len=mode["seq_len"])
-    m = (mode["factor"] - 1)
-    big_cfg = Config(**{**small_cfg.__dict__, "qkv_tokens": small_cfg.qkv_tokens * mode["factor"],
-                        "ffn_tokens": small_cfg.ffn_tokens * mode["factor"]})
-    n1, n2 = mode["n1"], mode["n2"]
-    order = torch.Generator().manual_seed(1000 + seed)
-    batches = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist()
-               for _ in range(n1 + n2)]
+def configs(mode: dict) -> tuple[Config, Config]:
+    """The small model's config and the big one's (`factor` times the parameter tokens)."""
+    small = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
+                   qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"], max_seq_len=mode["seq_len"])
+    return small, dataclasses.replace(small, qkv_tokens=small.qkv_tokens * mode["factor"],
+                                      ffn_tokens=small.ffn_tokens * mode["factor"])
 
-    def batch(step):
-        return {"tokens": torch.stack([train_set[i]["tokens"] for i in batches[step]])}
+
+def load_data(mode: dict, tmp: Path):
+    """The training windows and fixed validation batches spread over the whole held-out split."""
+    train_set, val_set = FAMILY.datasets(Config(max_seq_len=mode["seq_len"]),
+                                         DataConfig(seq_len=mode["seq_len"], max_bytes=mode["max_bytes"]), tmp)
+    every = max(1, len(val_set) // (mode["val_batches"] * mode["batch"]))
+    idx = list(range(0, len(val_set), every))[:mode["val_batches"] * mode["batch"]]
+    val_batches = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]])}
+                   for k in range(0, len(idx), mode["batch"])]
+    return train_set, val_batches
+
+
+def batches(seed: int, mode: dict, train_set):
+    """`batch(step)`: the seed's training batch for a step, the same for every run of that seed."""
+    order = torch.Generator().manual_seed(1000 + seed)
+    picks = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist()
+             for _ in range(mode["n1"] + mode["n2"])]
+    return lambda step: {"tokens": torch.stack([train_set[i]["tokens"] for i in picks[step]])}
+
+
+def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
+    small_cfg, big_cfg = configs(mode)
+    m = (mode["factor"] - 1)
+    n1, n2 = mode["n1"], mode["n2"]
+    batch = batches(seed, mode, train_set)
 
     def evaluated(step):  # sparse in the long small stage, dense where G and B2 race to the target
         every = mode["eval_every_small"] if step <= n1 else mode["eval_every"]
@@ -320,22 +339,13 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Config(max_seq_len=mode["seq_len"])
-        train_set, val_set = FAMILY.datasets(cfg, DataConfig(seq_len=mode["seq_len"], max_bytes=mode["max_bytes"]),
-                                             Path(tmp))
-        every = max(1, len(val_set) // (mode["val_batches"] * mode["batch"]))
-        idx = list(range(0, len(val_set), every))[:mode["val_batches"] * mode["batch"]]
-        val_batches = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]])}
-                       for k in range(0, len(idx), mode["batch"])]
+        train_set, val_batches = load_data(mode, Path(tmp))
         results = [one_seed(seed, mode, train_set, val_batches, lambda t: print(t, flush=True))
                    for seed in mode["seeds"]]
 
     b2_reached = [r for r in results if r["B2_reached"]]
     mean = lambda key, rs: round(statistics.fmean(r[key] for r in rs), 4) if rs else None  # noqa: E731
-    small_cfg = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
-                       qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"], max_seq_len=mode["seq_len"])
-    big_cfg = Config(**{**small_cfg.__dict__, "qkv_tokens": small_cfg.qkv_tokens * mode["factor"],
-                        "ffn_tokens": small_cfg.ffn_tokens * mode["factor"]})
+    small_cfg, big_cfg = configs(mode)
     ratio = flops_per_token(small_cfg, mode["seq_len"]) / flops_per_token(big_cfg, mode["seq_len"])
     figures = {
         "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "schedule": args.schedule,

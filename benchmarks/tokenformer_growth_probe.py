@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tokenformer_growth as bench  # noqa: E402
 
-from shipyard_models.tokenformer import FAMILY, Config, DataConfig, grow  # noqa: E402
+from shipyard_models.tokenformer import FAMILY, grow  # noqa: E402
 
 OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int}
 EVALS = (15, 60, 150, 300, 450, 600, 750, 900)  # grown steps at which to evaluate
@@ -42,21 +42,9 @@ def main() -> None:
     mode = {**bench.FULL, "schedule": "stages"}
     seed, n1, n2 = opts["seed"], mode["n1"], mode["n2"]
     torch.set_num_threads(1)
-    cfg = Config(max_seq_len=mode["seq_len"])
-    train_set, val_set = FAMILY.datasets(cfg, DataConfig(seq_len=mode["seq_len"], max_bytes=mode["max_bytes"]),
-                                         Path(tempfile.mkdtemp()))
-    every = max(1, len(val_set) // (mode["val_batches"] * mode["batch"]))
-    idx = list(range(0, len(val_set), every))[:mode["val_batches"] * mode["batch"]]
-    val = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]])}
-           for k in range(0, len(idx), mode["batch"])]
-    order = torch.Generator().manual_seed(1000 + seed)  # the benchmark's batches, in its order
-    batches = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist() for _ in range(n1 + n2)]
-
-    def batch(step):
-        return {"tokens": torch.stack([train_set[i]["tokens"] for i in batches[step]])}
-
-    small = Config(dim=mode["dim"], n_layers=mode["n_layers"], n_heads=mode["n_heads"],
-                   qkv_tokens=mode["qkv_tokens"], ffn_tokens=mode["ffn_tokens"], max_seq_len=mode["seq_len"])
+    train_set, val = bench.load_data(mode, Path(tempfile.mkdtemp()))
+    batch = bench.batches(seed, mode, train_set)  # the benchmark's batches, in its order
+    small, _ = bench.configs(mode)
     cache = Path(tempfile.gettempdir()) / f"shipyard-tokenformer-S-seed{seed}-{n1}.pt"
     torch.manual_seed(seed)
     run = bench.Run(FAMILY.build(small))
