@@ -143,9 +143,7 @@ def grown_moment(name: str, kind: str, moment: torch.Tensor, args: GrowArgs) -> 
     """Adam's moment `kind` of parameter `name`, grown as `grown_parameter` grows the parameter."""
     n, m = moment.shape[0], added_tokens(name, args)
     k = copies(n, m, args)
-    if k == 1:
-        return _pad(moment, m)
-    split = moment.repeat_interleave(k, dim=0)
+    split = moment.repeat_interleave(k, dim=0) if k > 1 else moment
     if name.endswith(KEY):
         split = split / k ** MOMENT_POWER[kind]
     return _pad(split, m - (k - 1) * n)
