@@ -13,7 +13,13 @@ shrink by up to sqrt(n / (n + m)) and GeLU works in its near-linear range (measu
 
 `init: split` (ours, not in the paper). Every old token becomes k = (n + m) // n copies with the
 old key and value / k, tau is multiplied by sqrt(k), and any remaining m - (k - 1) n tokens are
-appended as in `zero`. Each copy scores the same as the old token, the row norm grows by sqrt(k)
+appended as in `zero`. The layer's `value_scale` is divided by k and the stored values multiplied
+by k (model.py), so a copy's stored value is the old token's: Adam steps every parameter by about
+the learning rate whatever its size, and a copy stored as value / k would move k times faster
+relative to its size -- the k copies, scoring alike, would together move the output k times as far
+as the old token did. That made the loss jump by 0.3-0.4 nats within 15 steps of growth x16 and
+cost ~400 steps to recover; with the scale, the jump is what the noise below costs alone
+(benchmarks/tokenformer_growth_probe.py, README). Each copy scores the same as the old token, the row norm grows by sqrt(k)
 and tau with it, so every normalised score -- and the sum of the k copies' contributions -- is
 unchanged. When the old tau was sqrt(n) and m a multiple of n, the new tau is sqrt(n + m): the
 released code's tau, with growth still exact. Copies that stayed equal would get equal gradients
@@ -25,7 +31,8 @@ Optimizer continuation: Adam's moments of the grown tensors are padded with zero
 count is kept, so with `init: zero` the old rows' next update is exactly the small model's next
 update ("step then grow" equals "grow then step"). With `init: split` each copy inherits its
 token's moments, those of keys divided by k (first moment) and k^2 (second), as the key gradient of
-a copy is about 1/k of the old one; a value copy's gradient equals the old value's. `optimizer:
+a copy is about 1/k of the old one, and so are those of values (value_scale / k); a value
+copy's gradient (through value_scale / k) is 1/k of the old value's. `optimizer:
 fresh` in a stage spec restarts Adam instead (what the released code does).
 
 Three views of the same operation, which agree exactly for the same `GrowArgs`:
@@ -54,7 +61,7 @@ from .model import Config, Pattention
 KEY, VALUE = "key_tokens", "value_tokens"
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 MOMENT_POWER = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
-"""How a moment scales with its gradient (a split key's gradient is ~1/k of the old key's)."""
+"""How a moment scales with its gradient (a split copy's gradient is ~1/k of the old token's)."""
 INITS = ("zero", "split")
 
 
@@ -122,30 +129,29 @@ def new_rows(name: str, old: torch.Tensor, args: GrowArgs, m: int | None = None)
     return (rows * args.value_std).to(device=old.device, dtype=old.dtype)
 
 
-def grown_parameter(name: str, old: torch.Tensor, args: GrowArgs) -> torch.Tensor:
-    """The grown key or value tokens of parameter `name`: the old rows (split into k copies under
-    `init: split`), then the appended rows."""
+def grown_parameter(name: str, old: torch.Tensor, args: GrowArgs, value_scale: float = 1.0) -> torch.Tensor:
+    """The grown key or value tokens of parameter `name` (stored values, whose layer's
+    `value_scale` was `value_scale`): the old rows (split into k copies under `init: split`), then
+    the appended rows."""
     n, m = old.shape[0], added_tokens(name, args)
     k = copies(n, m, args)
-    if k == 1:
-        return torch.cat([old, new_rows(name, old, args)])
+    new_scale = value_scale / k
+    appended = new_rows(name, old, args, m - (k - 1) * n)
     if name.endswith(KEY):
-        split = old.repeat_interleave(k, dim=0)
-    else:  # value / k per copy, plus noise summing to zero over each token's copies
+        return torch.cat([old.repeat_interleave(k, dim=0), appended])
+    if k > 1:  # value / k per copy, plus noise summing to zero over each token's copies, stored / new_scale
         noise = torch.randn(n, k, old.shape[1], generator=_generator(args, name + "/split"),
                             dtype=torch.float64) * args.split_noise
         noise = (noise - noise.mean(dim=1, keepdim=True)).to(device=old.device, dtype=old.dtype)
-        split = (old[:, None, :] / k + noise).reshape(n * k, old.shape[1])
-    return torch.cat([split, new_rows(name, old, args, m - (k - 1) * n)])
+        old = (old[:, None, :] + noise / new_scale).reshape(n * k, old.shape[1])
+    return torch.cat([old, appended / new_scale])
 
 
 def grown_moment(name: str, kind: str, moment: torch.Tensor, args: GrowArgs) -> torch.Tensor:
     """Adam's moment `kind` of parameter `name`, grown as `grown_parameter` grows the parameter."""
     n, m = moment.shape[0], added_tokens(name, args)
     k = copies(n, m, args)
-    split = moment.repeat_interleave(k, dim=0) if k > 1 else moment
-    if name.endswith(KEY):
-        split = split / k ** MOMENT_POWER[kind]
+    split = moment.repeat_interleave(k, dim=0) / k ** MOMENT_POWER[kind]
     return _pad(split, m - (k - 1) * n)
 
 
@@ -155,19 +161,31 @@ def grown_tau(name: str, tau: torch.Tensor, n_old: int, args: GrowArgs) -> torch
     return tau if k == 1 else tau * math.sqrt(k)
 
 
+def grown_value_scale(name: str, scale: torch.Tensor, n_old: int, args: GrowArgs) -> torch.Tensor:
+    """Layer `name`'s value_scale after growth: unchanged, or divided by k under `init: split`."""
+    k = copies(n_old, added_tokens(name, args), args)
+    return scale if k == 1 else scale / k
+
+
 def is_token_parameter(name: str) -> bool:
     return name.endswith("." + KEY) or name.endswith("." + VALUE)
 
 
 def grow_state(state: dict[str, torch.Tensor], args: GrowArgs) -> dict[str, torch.Tensor]:
-    """A model state dict with every Pattention layer's tokens (and, for `split`, tau) grown."""
+    """A model state dict with every Pattention layer's tokens (and, for `split`, tau and
+    value_scale) grown. A layer without `value_scale` (a checkpoint from before it) had 1."""
     out = {}
     for name, t in state.items():
         if is_token_parameter(name):
-            t = grown_parameter(name, t, args)
+            layer = name.rsplit(".", 1)[0]
+            scale = state.get(layer + ".value_scale", torch.tensor(1.0))
+            out[name] = grown_parameter(name, t, args, float(scale))
+            if name.endswith(KEY):
+                out[layer + ".value_scale"] = grown_value_scale(layer + ".value_scale", scale, t.shape[0], args)
         elif name.endswith(".tau") and name[:-len("tau")] + KEY in state:
-            t = grown_tau(name, t, state[name[:-len("tau")] + KEY].shape[0], args)
-        out[name] = t
+            out[name] = grown_tau(name, t, state[name[:-len("tau")] + KEY].shape[0], args)
+        elif not (name.endswith(".value_scale") and name[:-len("value_scale")] + KEY in state):
+            out[name] = t
     return out
 
 
@@ -201,15 +219,16 @@ def grow(model: nn.Module, qkv_tokens: int = 0, ffn_tokens: int = 0, *, value_st
     for path, module in model.named_modules():
         if not isinstance(module, Pattention):
             continue
-        n_old = module.n_tokens
+        n_old, scale = module.n_tokens, float(module.value_scale)
         for attr in (KEY, VALUE):
             name = f"{path}.{attr}"
             old = getattr(module, attr)
-            new = nn.Parameter(grown_parameter(name, old.detach(), args), requires_grad=old.requires_grad)
+            new = nn.Parameter(grown_parameter(name, old.detach(), args, scale), requires_grad=old.requires_grad)
             setattr(module, attr, new)
             if optimizer is not None:
                 _swap_in_optimizer(optimizer, name, old, new, args)
         module.tau.copy_(grown_tau(f"{path}.tau", module.tau, n_old, args))
+        module.value_scale.copy_(grown_value_scale(f"{path}.value_scale", module.value_scale, n_old, args))
     model.cfg = grow_config(model.cfg, args)
     return model
 

@@ -25,6 +25,11 @@ Deviations, and why:
   split growth (each token split into k copies) multiplies it by sqrt(k), which is again sqrt(n)
   when the token count grew k-fold. Either way a grown model computes exactly what the small one
   did (tests/models/tokenformer/test_tokenformer_growth.py).
+* Each layer's value tokens are stored divided by a buffer `value_scale` (1 unless split growth
+  changed it): the output is Theta(X K^T) V * value_scale. Split growth sets it to 1 / k, so that
+  Adam, whose step does not depend on a parameter's scale, moves a copy's value by 1 / k of the old
+  token's step -- the k copies together by one old step, rather than k (growth.py). Not in the
+  paper, where values are plain parameters (value_scale = 1 is that model exactly).
 * The row norm is clamped below at 1e-12 (the released code divides by it unguarded); only an
   all-zero input row reaches the clamp.
 * No biases, no dropout, no attention-score normalisation tricks; parameter tokens and the
@@ -86,8 +91,9 @@ class Config:
 class Pattention(nn.Module):
     """Token-parameter attention: [..., d_in] -> [..., d_out] through N key/value parameter tokens.
 
-    `tau` is set at construction (sqrt of the initial N) and stored with the weights; only
-    `grow` changes it (see growth.py).
+    `tau` is set at construction (sqrt of the initial N) and stored with the weights, as is
+    `value_scale` (1 at construction, the values' factor: see the module docstring); only `grow`
+    changes them (see growth.py).
     """
 
     def __init__(self, d_in: int, d_out: int, n_tokens: int, init_std: float = 0.02):
@@ -95,6 +101,7 @@ class Pattention(nn.Module):
         self.key_tokens = nn.Parameter(torch.randn(n_tokens, d_in) * init_std)
         self.value_tokens = nn.Parameter(torch.randn(n_tokens, d_out) * init_std)
         self.register_buffer("tau", torch.tensor(math.sqrt(n_tokens)))
+        self.register_buffer("value_scale", torch.tensor(1.0))
 
     @property
     def n_tokens(self) -> int:
@@ -103,11 +110,17 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = x @ self.key_tokens.t()  # [..., N]
         norm = scores.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return F.gelu(scores * (self.tau / norm)) @ self.value_tokens
+        return (F.gelu(scores * (self.tau / norm)) @ self.value_tokens) * self.value_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before `value_scale` existed: their values are unscaled
+        state_dict.setdefault(prefix + "value_scale", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         d_in, d_out = self.key_tokens.shape[1], self.value_tokens.shape[1]
-        return f"{d_in} -> {d_out}, tokens={self.n_tokens}, tau={float(self.tau):.4g}"
+        return f"{d_in} -> {d_out}, tokens={self.n_tokens}, tau={float(self.tau):.4g}" + (
+            f", value_scale={float(self.value_scale):.4g}" if float(self.value_scale) != 1 else "")
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

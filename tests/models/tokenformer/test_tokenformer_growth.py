@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from shipyard_models.tokenformer import Config, GrowArgs, Pattention, TokenFormerLM, grow, grow_state
-from shipyard_models.tokenformer.growth import grow_optimizer_state
+from shipyard_models.tokenformer.growth import grow_config, grow_optimizer_state
 
 CFG = Config(dim=32, n_layers=2, n_heads=2, qkv_tokens=16, ffn_tokens=32, max_seq_len=16)
 
@@ -157,6 +157,62 @@ def test_step_then_grow_equals_grow_then_step_on_the_old_rows(optimizer):
         assert opt_b.state[pb["blocks.0.ffn.key_tokens"]]["step"] == 4
     else:
         assert worst > 1e-4  # lr 1e-2: a restarted Adam moves the old rows differently
+
+
+def test_split_without_noise_then_adam_takes_the_small_models_step():
+    """Split growth stores a copy's value as the old value under value_scale / k, so its gradient
+    and Adam moments are 1/k of the old token's and Adam (scale-free) moves the k copies together
+    by one old step: with equal copies (no noise) "grow then step" computes what "step then grow"
+    does. Stored as value / k at scale 1, each copy would move a whole step and the layer k steps.
+    eps is tiny so that Adam is scale-free to rounding (eps against sqrt(v) / k otherwise)."""
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-30, weight_decay=0.1)
+    _train(model, opt, 3)
+    a, b = model, copy.deepcopy(model)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-30, weight_decay=0.1)
+    opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(a, opt, 1, seed=50)  # step, then grow
+    grow(a, qkv_tokens=16, ffn_tokens=32, init="split", split_noise=0.0)
+    grow(b, qkv_tokens=16, ffn_tokens=32, init="split", split_noise=0.0, optimizer=opt_b)  # grow, then step
+    _train(b, opt_b, 1, seed=50)
+    assert float(b.blocks[0].ffn.value_scale) == 0.5
+    pb = dict(b.named_parameters())
+    worst = max((p - pb[name]).abs().max().item() for name, p in a.named_parameters())
+    assert worst < 1e-12, worst
+    with torch.no_grad():
+        torch.testing.assert_close(b(tokens()), a(tokens()), rtol=0, atol=1e-12)
+
+
+def test_growing_twice_compounds_value_scale_and_stays_exact():
+    model, x = tiny(), tokens()
+    with torch.no_grad():
+        before = model(x)
+        grow(model, qkv_tokens=16, ffn_tokens=32, init="split", seed=1)
+        grow(model, qkv_tokens=32, ffn_tokens=64, init="split", seed=2)
+        grow(model, qkv_tokens=8, ffn_tokens=8, init="zero", seed=3)  # appended values / value_scale
+        after = model(x)
+    assert float(model.blocks[1].attn.query.value_scale) == 0.25
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+    new_values = model.blocks[1].attn.query.value_tokens[-8:] * 0.25
+    assert 0.01 < new_values.std().item() < 0.04  # value_std 0.02 as the layer computes it
+
+
+def test_a_state_dict_from_before_value_scale_loads_and_grows():
+    """Checkpoints written before the buffer existed have no `value_scale`: they load with 1."""
+    model = tiny()
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("value_scale")}
+    fresh = TokenFormerLM(CFG).double()
+    fresh.load_state_dict(old, strict=True)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    args = GrowArgs(qkv_tokens=16, ffn_tokens=32, init="split")
+    grown = grow_state(old, args)
+    assert float(grown["blocks.0.ffn.value_scale"]) == 0.5
+    big = TokenFormerLM(grow_config(CFG, args)).double()
+    big.load_state_dict(grown, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), model(x), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("init,qkv,ffn", [("zero", 4, 8), ("split", 16, 40)])
