@@ -30,18 +30,22 @@ NOTES = {
     "allegro_partitioner": "The spatial partitioner alone at 10^7 atoms: time, ghosts and message volume per "
                            "step against the number of domains (`python benchmarks/allegro_scaling.py "
                            "--partitioner-only`).",
-    "tokenformer_growth": "TokenFormer progressive growth: S small, G grown x`factor` after `steps_small` steps "
-                          "and trained `steps_grown` more, B1 big from scratch for both, B2 small continued; G "
-                          "uses `growth_init` growth (split: every parameter token into `factor` copies), "
-                          "G_zero the paper's zero-key growth. At a size where Pattention is "
-                          "`pattention_flops_share` of the big model's FLOPs and a small step costs "
-                          "`flops_ratio_small_over_big` of a big one, G's whole run costs "
-                          "`flops_fraction_G_total` of B1's, so reaching B1's final loss at all would meet the "
-                          "<= 0.5 goal. `val_B1_at_G_flops` is where B1 stood at G's total cost; "
-                          "`val_G_at_B2_flops` against `final_val_B2` compares growth with no growth at equal "
-                          "FLOPs. One-seed probes of the grown stage (noise, warm-up, learning rate): "
-                          "benchmarks/results/tokenformer_growth_probes.jsonl, README "
-                          "(`python benchmarks/tokenformer_growth.py`).",
+    "tokenformer_growth": "TokenFormer progressive growth, the paper's protocol: S small for `steps_small` "
+                          "steps, G = S grown x`factor` by `growth_init` growth (split: every parameter token "
+                          "into `factor` copies, values under value_scale 1 / `factor`) and trained "
+                          "`steps_grown` more, B1 big from scratch for `b1_steps` (S's steps, as every "
+                          "from-scratch model of the paper sees the same 300B tokens), B2 small continued. "
+                          "Pattention is `pattention_flops_share` of the big model's FLOPs, a small step costs "
+                          "`flops_ratio_small_over_big` of a big one, and G's whole run "
+                          "`flops_fraction_G_total` of B1's: reaching B1's final loss at all meets the <= 0.5 "
+                          "goal. `val_B1_at_G_flops` is where B1 stood at G's total cost. One-seed probes of the "
+                          "grown stage: benchmarks/results/tokenformer_growth_probes.jsonl, README "
+                          "(`python benchmarks/tokenformer_growth.py --inits split`).",
+    "tokenformer_growth_b1_total": "The same size with B1 trained for G's total steps (`steps_small` + "
+                                   "`steps_grown`), 900 grown steps, split growth before value_scale (noise "
+                                   "0.15) and zero-key growth (G_zero), run at commit c25578f (today: `python "
+                                   "benchmarks/tokenformer_growth.py --b1-steps total --n2 900 --inits "
+                                   "split,zero`, with value_scale and noise 0.1).",
     "tokenformer_growth_x8": "The previous size of the same benchmark (width 64, 8 / 32 tokens grown x8, "
                              "zero-key growth only; the script has since gained split growth): `python "
                              "benchmarks/tokenformer_growth.py --dim 64 --qkv-tokens 8 --ffn-tokens 32 "
@@ -71,9 +75,10 @@ HEADLINES = {
     "allegro_scaling": ["throughput_ratio_vs_reference", "throughput_ratio_vs_reference_min",
                         "time_per_atom_ratio_largest_vs_smallest", "partition_max_force_error",
                         "weak_scaling_efficiency_2_actors"],
-    "tokenformer_growth": ["reached_target", "flops_fraction_of_scratch", "final_val_G", "final_val_B1",
-                           "val_B1_at_G_flops", "reached_target_zero", "final_val_G_zero",
-                           "growth_max_logit_change"],
+    "tokenformer_growth": ["reached_target", "flops_fraction_of_scratch", "flops_fraction_stage_only",
+                           "final_val_G", "final_val_B1", "val_B1_at_G_flops", "growth_max_logit_change"],
+    "tokenformer_growth_b1_total": ["reached_target", "final_val_G", "final_val_B1", "reached_target_zero",
+                                    "final_val_G_zero"],
     "tokenformer_growth_x8": ["reached_target", "final_val_G", "final_val_B1"],
     "matformer": ["mae_ratio_vs_baseline", "mae_over_target_std", "graph_build_ms_per_structure"],
     "upt": ["rollout_error_ratio_vs_fno", "step_time_ratio_16x_points", "one_step_error_vs_persistence",

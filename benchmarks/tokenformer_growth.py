@@ -11,17 +11,28 @@ order and the same peak learning rate for all:
 
 * S  the small model, N1 steps;
 * G  S grown to `factor` times its parameter tokens in every Pattention layer by `split`
-     growth (each token becomes `factor` copies with value / factor plus zero-sum noise, tau
-     times sqrt(factor): exact, and tau ends at the released code's sqrt(n); growth.py), Adam's
-     moments split alike and its step count kept, then trained N2 more steps;
+     growth (each token becomes `factor` copies with value / factor plus zero-sum noise, stored
+     under the layer's value_scale / factor, tau times sqrt(factor): exact, and tau ends at the
+     released code's sqrt(n); growth.py), Adam's moments split alike and its step count kept,
+     then trained N2 more steps;
 * G_zero the same with the paper's zero-key growth (zero keys, small random values, moments
      zero-padded, tau fixed): the issue's recipe, kept as a contender (`--inits` picks methods);
-* B1 the big size from scratch, N1 + N2 steps;
+* B1 the big size from scratch for N1 steps: the same total steps as S (below);
 * B2 S simply continued, N2 more steps at the small size (the control: what the small stage
      buys without growth).
 
+B1's length is the paper's protocol. Every model it trains from scratch, small or big, sees the
+same 300B tokens; the grown model adds 30B per stage on top of its small model's 300B, and its
+"about a third overall" is that sum against the from-scratch 1.4B's 300B (in parameter-tokens:
+124M x 300B + (354M + 757M + 1.4B) x 30B = 0.27 of 1.4B x 300B), its "a tenth" one stage's 30B
+against 300B. So B1 gets S's N1 steps, and G (N1 small + N2 big steps) takes more steps than B1
+but fewer FLOPs. `--b1-steps total` trains B1 for G's N1 + N2 steps instead: then G would have to
+match B1 at an equal step count, i.e. a small model's steps would have to teach as much as a big
+one's (the earlier runs, 0/3 seeds: README, benchmarks/results/tokenformer_growth_b1_total.json).
+
 Why this size. Growth can only save what the small stage saves: G's small stage alone costs
-r * N1 / (N1 + N2) of B1, r = (FLOPs of a small step) / (FLOPs of a big one). Per token and
+r of B1 (r * N1 / (N1 + N2) with `--b1-steps total`), r = (FLOPs of a small step) / (FLOPs of a
+big one). Per token and
 layer (`flops_per_token`) the Pattention layers cost 4D(4 n_qkv + n_ffn), token-token attention
 4TD and the tied head 2VD per model, so the shares do not depend on the width D: growth shrinks
 r only where the Pattention layers dominate the big model's FLOPs, as they do at the paper's
@@ -32,16 +43,15 @@ model's FLOPs (0.50 of the small model's), r = 0.12. The small model has fewer p
 than its width (n / D = 0.5 for Q/K/V/O; the paper's 0.75), as the paper's does; the big one many
 more (8 and 32; the paper's 11). Earlier sizes (README): width 64 with 8 / 32 tokens x8 (r = 0.30,
 a small model whose attention projections have rank 8 of 64) and 16 / 64 tokens x4 at T = 128
-(r = 0.45). Stage budgets follow the paper's shape: its small model is trained
-on the full 300B tokens, each grown stage on 30B (a tenth), three grown stages 0.3 of the
-from-scratch budget in all; here N1 = 3000 steps and N2 = 900 = 0.3 N1, so that G's whole run
-costs 0.32 of B1's (3900 steps): if G reaches B1's final loss at all, it meets the goal.
-`--n2 300` is the paper's last stage alone (a tenth).
+(r = 0.45). Stage budgets: N1 = 3000 steps (B1's too) and N2 = 1140 = 0.38 N1, the longest
+grown stage whose whole run stays within the goal: G costs r + 0.38 = 0.498 of B1, so if G
+reaches B1's final loss at all, it meets the goal. (The paper's three grown stages are 0.3 of its
+small model's budget, `--n2 900`; one stage is a tenth, `--n2 300`.)
 
 Learning rate (the platform's warm-up + cosine-to-10% schedule): with `--schedule stages` (the
 default, what a multi-stage job does, since each stage is its own run) S runs one schedule over
-N1 steps and G and B2 a new one over N2 steps (with a warm-up again), while B1 runs one over
-N1 + N2; with `--schedule global` all four follow one schedule over N1 + N2 steps.
+N1 steps and G and B2 a new one over N2 steps (with a warm-up again); with `--schedule global`
+S, G and B2 follow one schedule over N1 + N2 steps. B1 always runs one over its own length.
 Validation loss on fixed held-out batches, every `eval_every_small` steps in the small stage and
 every `eval_every` steps after it. FLOPs are analytic (`flops_per_token`: forward + backward = 3x
 forward, per token of the batch). G's cost to reach B1's final validation loss is counted at the
@@ -60,6 +70,7 @@ Figures (benchmarks/results/tokenformer_growth.json), means over seeds:
   steps_to_target            G's total steps (both stages) at that point
   growth_max_logit_change    max |logit change| at growth, float32, over all seeds
   growth_init                G's growth method
+  b1_steps                   B1's length (N1, or N1 + N2 with `--b1-steps total`)
   final_val_{S,G,B1,B2}      final validation losses (nats per byte)
   val_B1_at_G_flops          B1's loss once it has spent what G's whole run costs
   flops_fraction_{G,B2}_total  G's and B2's whole runs / B1's FLOPs
@@ -73,7 +84,7 @@ Figures (benchmarks/results/tokenformer_growth.json), means over seeds:
 Curves (against FLOPs and, zoomed, the grown stage by step) go to benchmarks/results/tokenformer_growth.png.
 
 Usage: python benchmarks/tokenformer_growth.py [--quick] [--schedule global] [--seeds N]
-       [--inits split,zero] [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K
+       [--b1-steps total] [--inits split,zero] [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K
         --seq-len T --batch B --n1 N1 --n2 N2 ...]  ->  benchmarks/results/tokenformer_growth.json
 (79 min measured on one thread with the test suite on the other core; --quick: one seed, N1 = 1000,
 N2 = 300, ~5 min).
@@ -104,7 +115,7 @@ except ImportError:  # running from a checkout without the package installed
     from shipyard_models.tokenformer.growth import INITS
 
 FULL = dict(seeds=[0, 1, 2], dim=32, n_layers=2, n_heads=4, qkv_tokens=16, ffn_tokens=64, factor=16,
-            n1=3000, n2=900, batch=32, seq_len=64, lr=3e-3, warmup=30, eval_every_small=150,
+            n1=3000, n2=1140, batch=32, seq_len=64, lr=3e-3, warmup=30, eval_every_small=150,
             eval_every=30, val_batches=8, max_bytes=8_000_000)
 QUICK = dict(FULL, seeds=[0], n1=1000, n2=300, eval_every_small=100, eval_every=30, val_batches=4,
              max_bytes=3_000_000)
@@ -145,7 +156,7 @@ class Run:
         else:
             lr = lr_at(step - n1, mode["n2"], mode["lr"], mode["warmup"])
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         loss, _ = FAMILY.loss(self.model.train(), batch, step, mode["n1"] + mode["n2"])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,6 +215,7 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
     small_cfg, big_cfg = configs(mode)
     m = (mode["factor"] - 1)
     n1, n2 = mode["n1"], mode["n2"]
+    b1_steps = b1_length(mode)
     batch = batches(seed, mode, train_set)
 
     def evaluated(step):  # sparse in the long small stage, dense where G and B2 race to the target
@@ -234,10 +246,13 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
                 grown[init] = Run(g_model, g_opt)
                 grown[init].curve = list(s.curve)
         x = batch(step)
-        for run in (s, b1, *grown.values()):
-            run.step(x, step, mode, staged=mode["schedule"] == "stages" and run is not b1)
+        for run in (s, *grown.values()):
+            run.step(x, step, mode, staged=mode["schedule"] == "stages")
+        if step < b1_steps:  # its own schedule over its own length (over N1 that is the "stages" one)
+            b1.step(x, step, mode, staged=b1_steps == n1)
         if evaluated(step + 1):
-            runs = [("S/B2", s), ("B1", b1)] + [(_label(init, mode), run) for init, run in grown.items()]
+            runs = [("S/B2", s)] + [("B1", b1)] * (step < b1_steps) + [
+                (_label(init, mode), run) for init, run in grown.items()]
             losses = {name: run.evaluate(step + 1, val_batches) for name, run in runs}
             log(f"seed {seed} step {step + 1:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
                 + f"  ({time.perf_counter() - t0:.0f} s)")
@@ -245,7 +260,7 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
     f_small, f_big = (flops_per_token(c, mode["seq_len"]) * mode["batch"] * mode["seq_len"]
                       for c in (small_cfg, big_cfg))
     target = b1.curve[-1][1]
-    b1_flops = (n1 + n2) * f_big
+    b1_flops = b1_steps * f_big
     b2_hit = first_at_or_below(s.curve, target)
     out = {
         "seed": seed, "target": target, "final_S": next(v for st, v in s.curve if st == n1),
@@ -271,6 +286,11 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
     return out
 
 
+def b1_length(mode: dict) -> int:
+    """B1's steps: N1 (the paper's protocol, `--b1-steps small`) or N1 + N2 (`total`)."""
+    return mode["n1"] if mode["b1_steps"] == "small" else mode["n1"] + mode["n2"]
+
+
 def _label(init: str, mode: dict) -> str:
     """G for the first growth method of the run, G_<method> for the others."""
     return "G" if init == mode["inits"][0] else f"G_{init}"
@@ -287,7 +307,7 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
     n1 = mode["n1"]
     for r in results:
         f_small, f_big = r["flops_small_per_step"], r["flops_big_per_step"]
-        b1_flops = (n1 + mode["n2"]) * f_big
+        b1_flops = b1_length(mode) * f_big
         per_step = {"S": lambda st: st * f_small, "B2": lambda st: st * f_small, "B1": lambda st: st * f_big}
         grown = lambda st: min(st, n1) * f_small + max(0, st - n1) * f_big  # noqa: E731
         for name, curve in r["curves"].items():
@@ -310,7 +330,8 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
         ax.set_ylabel("validation loss (nats / byte)")
         ax.legend()
     fig.suptitle(f"TokenFormer growth x{mode['factor']} after {n1} steps, {mode['n2']} grown steps "
-                 f"(G: {mode['inits'][0]} growth; {len(results)} seeds; dotted: B1's final loss)")
+                 f"(G: {mode['inits'][0]} growth; B1: {b1_length(mode)} steps; {len(results)} seeds; "
+                 "dotted: B1's final loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -320,6 +341,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, fewer steps (~3 min, one thread)")
     parser.add_argument("--schedule", choices=["stages", "global"], default="stages",
                         help="a learning-rate schedule per stage (as a multi-stage job) or one for all")
+    parser.add_argument("--b1-steps", choices=["small", "total"], default="small",
+                        help="B1's length: the small stage's N1 steps, the paper's protocol (default), "
+                             "or G's total N1 + N2")
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...); default 3 (1 with --quick)")
     parser.add_argument("--inits", default="split,zero",
                         help="growth methods (GrowArgs.init), comma-separated; the first is G, the "
@@ -328,7 +352,7 @@ def main() -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override {name}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokenformer_growth.json")
     args = parser.parse_args()
-    mode = {**(QUICK if args.quick else FULL), "schedule": args.schedule}
+    mode = {**(QUICK if args.quick else FULL), "schedule": args.schedule, "b1_steps": args.b1_steps}
     mode.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
     if args.seeds is not None:
         mode["seeds"] = list(range(args.seeds))
@@ -349,6 +373,7 @@ def main() -> None:
     ratio = flops_per_token(small_cfg, mode["seq_len"]) / flops_per_token(big_cfg, mode["seq_len"])
     figures = {
         "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "schedule": args.schedule,
+        "b1_steps": b1_length(mode),
         **{k: mode[k] for k in ("dim", "n_layers", "qkv_tokens", "ffn_tokens", "seq_len", "batch")},
         "factor": mode["factor"], "steps_small": mode["n1"], "steps_grown": mode["n2"],
         "growth_init": mode["inits"][0],
@@ -373,8 +398,8 @@ def main() -> None:
     figures.update({
         **{f"final_val_{k}": mean(f"final_{k}", results) for k in ("S", "B1", "B2")},
         "val_B1_at_G_flops": mean("B1_at_G_flops", [r["growth"][mode["inits"][0]] for r in results]),
-        "flops_fraction_G_total": round((mode["n1"] * ratio + mode["n2"]) / (mode["n1"] + mode["n2"]), 4),
-        "flops_fraction_B2_total": round(ratio, 4),
+        "flops_fraction_G_total": round((mode["n1"] * ratio + mode["n2"]) / b1_length(mode), 4),
+        "flops_fraction_B2_total": round(ratio * (mode["n1"] + mode["n2"]) / b1_length(mode), 4),
         "B2_reached_target": round(len(b2_reached) / len(results), 4),
         "B2_flops_fraction_of_scratch": mean("B2_flops", b2_reached),
         "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -10,6 +10,11 @@ benchmarks/results/tokenformer_growth_probes.jsonl, one per probe).
 
 Usage: python benchmarks/tokenformer_growth_probe.py NAME [init=split] [noise=0.15] [factor=16]
        [lr=1.0 (multiplier of the grown stage's peak)] [warm=30 (its warm-up steps)] [seed=0]
+       [vscale=1.0 (learning-rate multiplier of the value tokens, by an optimizer parameter group)]
+       [vramp=0 (steps over which that multiplier returns to 1; 0: it stays)]
+       [kvmul=1.0 (multiplier of the key tokens' Adam second moments after growth)]
+(The probes with vscale < 1 ran before split growth set each layer's value_scale to 1 / k, which
+does the same inside the model: `scaled` reproduces `vk` within seed noise.)
 """
 from __future__ import annotations
 
@@ -26,14 +31,16 @@ import tokenformer_growth as bench  # noqa: E402
 
 from shipyard_models.tokenformer import FAMILY, grow  # noqa: E402
 
-OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int}
-EVALS = (15, 60, 150, 300, 450, 600, 750, 900)  # grown steps at which to evaluate
+OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int,
+           "vscale": float, "vramp": int, "kvmul": float}
+EVALS = (15, 60, 150, 300, 450, 600, 750, 900, 1140)  # grown steps at which to evaluate (and the last)
 
 
 def main() -> None:
     if len(sys.argv) < 2 or "=" in sys.argv[1]:
         sys.exit(__doc__)
-    name, opts = sys.argv[1], {"init": "split", "noise": 0.15, "factor": 16, "lr": 1.0, "warm": None, "seed": 0}
+    name, opts = sys.argv[1], {"init": "split", "noise": 0.15, "factor": 16, "lr": 1.0, "warm": None, "seed": 0,
+                        "vscale": 1.0, "vramp": 0, "kvmul": 1.0}
     for arg in sys.argv[2:]:
         key, _, value = arg.partition("=")
         if key not in OPTIONS:
@@ -62,11 +69,23 @@ def main() -> None:
     m = opts["factor"] - 1
     grow(run.model, qkv_tokens=small.qkv_tokens * m, ffn_tokens=small.ffn_tokens * m, seed=seed,
          init=opts["init"], split_noise=opts["noise"], optimizer=run.opt)
+    for pname, p in run.model.named_parameters():  # a larger second moment: smaller first key steps
+        if pname.endswith("key_tokens") and opts["kvmul"] != 1.0:
+            run.opt.state[p]["exp_avg_sq"] *= opts["kvmul"]
+    values = [p for n, p in run.model.named_parameters() if n.endswith("value_tokens")]
+    if opts["vscale"] != 1.0:
+        ids = {id(p) for p in values}
+        group = run.opt.param_groups[0]
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        run.opt.add_param_group({"params": values, "lr_scale": opts["vscale"]})
     grown_mode = {**mode, "lr": mode["lr"] * opts["lr"], "warmup": opts["warm"] or mode["warmup"]}
     t0 = time.perf_counter()
     for step in range(n1, n1 + n2):
+        if opts["vscale"] != 1.0 and opts["vramp"]:
+            t = min(1.0, (step - n1) / opts["vramp"])
+            run.opt.param_groups[1]["lr_scale"] = opts["vscale"] + t * (1.0 - opts["vscale"])
         run.step(batch(step), step, grown_mode, staged=True)
-        if step + 1 - n1 in EVALS:
+        if step + 1 - n1 in EVALS or step + 1 == n1 + n2:
             curve.append((step + 1, round(run.evaluate(step + 1, val), 4)))
             print(f"{name} step {step + 1}: {curve[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     out = bench.ROOT / "benchmarks" / "results" / "tokenformer_growth_probes.jsonl"

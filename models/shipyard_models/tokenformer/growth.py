@@ -80,10 +80,11 @@ class GrowArgs:
     init: str = "zero"
     """`zero`: append zero keys and small random values. `split`: split every token into
     (n + m) // n copies, tau times sqrt of that (see the module docstring)."""
-    split_noise: float = 0.15
+    split_noise: float = 0.1
     """With `init: split`: std of the zero-sum noise added to the copies' values (0 leaves the
-    copies equal, and equal they stay). 0.15 came out best or near it growing x8 and x16 (README:
-    0.03-1.0 probed); the noise is large against a copy's value / k, which it is meant to be."""
+    copies equal, and equal they stay). 0.1-0.15 came out best growing x16 (0.01-0.6 probed, with
+    and without value_scale; 0.2-0.3 at x8: README); the noise is large against a copy's
+    value / k, which it is meant to be."""
 
     def __post_init__(self) -> None:
         for name in ("qkv_tokens", "ffn_tokens"):
@@ -207,7 +208,7 @@ def _pad(moment: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def grow(model: nn.Module, qkv_tokens: int = 0, ffn_tokens: int = 0, *, value_std: float = 0.02,
-         seed: int = 0, init: str = "zero", split_noise: float = 0.15,
+         seed: int = 0, init: str = "zero", split_noise: float = 0.1,
          optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Grow a (plain, unwrapped) TokenFormerLM in place; returns it with its `cfg` updated.
 
