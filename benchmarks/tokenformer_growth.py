@@ -86,8 +86,8 @@ Curves (against FLOPs and, zoomed, the grown stage by step) go to benchmarks/res
 Usage: python benchmarks/tokenformer_growth.py [--quick] [--schedule global] [--seeds N]
        [--b1-steps total] [--inits split,zero] [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K
         --seq-len T --batch B --n1 N1 --n2 N2 ...]  ->  benchmarks/results/tokenformer_growth.json
-(63 min measured with --inits split on one thread with the test suite on the other core; --quick: one seed, N1 = 1000,
-N2 = 300, ~5 min).
+(63 min measured with --inits split on one thread with the test suite on the other core;
+--quick: one seed, N1 = 1000, N2 = 300, ~5 min).
 """
 from __future__ import annotations
 

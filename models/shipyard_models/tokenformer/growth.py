@@ -17,11 +17,11 @@ appended as in `zero`. The layer's `value_scale` is divided by k and the stored 
 by k (model.py), so a copy's stored value is the old token's: Adam steps every parameter by about
 the learning rate whatever its size, and a copy stored as value / k would move k times faster
 relative to its size -- the k copies, scoring alike, would together move the output k times as far
-as the old token did. That made the loss jump by 0.3-0.4 nats within 15 steps of growth x16 and
-cost ~400 steps to recover; with the scale, the jump is what the noise below costs alone
-(benchmarks/tokenformer_growth_probe.py, README). Each copy scores the same as the old token, the row norm grows by sqrt(k)
-and tau with it, so every normalised score -- and the sum of the k copies' contributions -- is
-unchanged. When the old tau was sqrt(n) and m a multiple of n, the new tau is sqrt(n + m): the
+as the old token did. Without noise, that alone took the loss from 1.60 to 1.90 within 60 steps
+of growth x16; with the scale, noise-free copies stay at the small model's level, and the jump
+left is what the noise below costs (benchmarks/tokenformer_growth_probe.py, README).
+Each copy scores the same as the old token, the row norm grows by sqrt(k) and tau with it, so
+every normalised score -- and the sum of the k copies' contributions -- is unchanged. When the old tau was sqrt(n) and m a multiple of n, the new tau is sqrt(n + m): the
 released code's tau, with growth still exact. Copies that stayed equal would get equal gradients
 forever; a noise of std `split_noise` that sums to zero over each token's copies is added to
 their values, which breaks the tie without moving the output. Measured in
