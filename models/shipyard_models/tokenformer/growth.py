@@ -17,23 +17,24 @@ appended as in `zero`. The layer's `value_scale` is divided by k and the stored 
 by k (model.py), so a copy's stored value is the old token's: Adam steps every parameter by about
 the learning rate whatever its size, and a copy stored as value / k would move k times faster
 relative to its size -- the k copies, scoring alike, would together move the output k times as far
-as the old token did. Without noise, that alone took the loss from 1.60 to 1.90 within 60 steps
-of growth x16; with the scale, noise-free copies stay at the small model's level, and the jump
-left is what the noise below costs (benchmarks/tokenformer_growth_probe.py, README).
-Each copy scores the same as the old token, the row norm grows by sqrt(k) and tau with it, so
-every normalised score -- and the sum of the k copies' contributions -- is unchanged. When the old tau was sqrt(n) and m a multiple of n, the new tau is sqrt(n + m): the
-released code's tau, with growth still exact. Copies that stayed equal would get equal gradients
-forever; a noise of std `split_noise` that sums to zero over each token's copies is added to
-their values, which breaks the tie without moving the output. Measured in
-benchmarks/tokenformer_growth.py (README): split growth ends well below zero-key growth.
+as the old token did. Without noise, that alone took the loss from 1.60 to 1.90 within 60 steps of
+growth x16; with the scale, noise-free copies stay at the small model's level, and the jump left is
+what the noise below costs (benchmarks/tokenformer_growth_probe.py, README). Each copy scores the
+same as the old token, the row norm grows by sqrt(k) and tau with it, so every normalised score --
+and the sum of the k copies' contributions -- is unchanged. When the old tau was sqrt(n) and m a
+multiple of n, the new tau is sqrt(n + m): the released code's tau, with growth still exact. Copies
+that stayed equal would get equal gradients forever; a noise of std `split_noise` that sums to zero
+over each token's copies is added to their values, which breaks the tie without moving the output.
+Measured in benchmarks/tokenformer_growth.py (README): split growth ends well below zero-key
+growth.
 
 Optimizer continuation: Adam's moments of the grown tensors are padded with zero rows and the step
 count is kept, so with `init: zero` the old rows' next update is exactly the small model's next
 update ("step then grow" equals "grow then step"). With `init: split` each copy inherits its
-token's moments, those of keys divided by k (first moment) and k^2 (second), as the key gradient of
-a copy is about 1/k of the old one, and so are those of values (value_scale / k); a value
-copy's gradient (through value_scale / k) is 1/k of the old value's. `optimizer:
-fresh` in a stage spec restarts Adam instead (what the released code does).
+token's moments divided by k (first moment) and k^2 (second): a key copy's gradient is about 1/k of
+the old key's (its value is value / k), a value copy's exactly 1/k of the old value's (through
+value_scale / k). `optimizer: fresh` in a stage spec restarts Adam instead (what the released code
+does).
 
 Three views of the same operation, which agree exactly for the same `GrowArgs`:
 * `grow(model, qkv_tokens=m, ffn_tokens=m, optimizer=opt)`: in place, on a live model (and optimizer);
