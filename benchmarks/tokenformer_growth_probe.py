@@ -33,7 +33,7 @@ from shipyard_models.tokenformer import FAMILY, grow  # noqa: E402
 
 OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int,
            "vscale": float, "vramp": int, "kvmul": float}
-EVALS = (15, 60, 150, 300, 450, 600, 750, 900, 1140)  # grown steps at which to evaluate (and the last)
+EVALS = (15, 60, 150, 300, 450, 600, 750, 900)  # grown steps at which to evaluate (and the last one)
 
 
 def main() -> None:
