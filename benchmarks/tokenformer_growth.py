@@ -345,6 +345,7 @@ def main() -> None:
                         help="B1's length: the small stage's N1 steps, the paper's protocol (default), "
                              "or G's total N1 + N2")
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...); default 3 (1 with --quick)")
+    parser.add_argument("--seed", type=int, help="run this one seed only (instead of --seeds)")
     parser.add_argument("--inits", default="split,zero",
                         help="growth methods (GrowArgs.init), comma-separated; the first is G, the "
                              "others G_<method> (default split,zero)")
@@ -356,6 +357,8 @@ def main() -> None:
     mode.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
     if args.seeds is not None:
         mode["seeds"] = list(range(args.seeds))
+    if args.seed is not None:
+        mode["seeds"] = [args.seed]
     mode["inits"] = args.inits.split(",")
     for init in mode["inits"]:
         if init not in INITS:
@@ -372,7 +375,7 @@ def main() -> None:
     small_cfg, big_cfg = configs(mode)
     ratio = flops_per_token(small_cfg, mode["seq_len"]) / flops_per_token(big_cfg, mode["seq_len"])
     figures = {
-        "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "schedule": args.schedule,
+        "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "seed_list": mode["seeds"], "schedule": args.schedule,
         "b1_steps": b1_length(mode),
         **{k: mode[k] for k in ("dim", "n_layers", "qkv_tokens", "ffn_tokens", "seq_len", "batch")},
         "factor": mode["factor"], "steps_small": mode["n1"], "steps_grown": mode["n2"],

@@ -8,7 +8,7 @@ method): ~2 min for S, ~3.5 min a probe, one thread. The benchmark is what the R
 rest on; these probes are how its settings were chosen (their lines go to
 benchmarks/results/tokenformer_growth_probes.jsonl, one per probe).
 
-Usage: python benchmarks/tokenformer_growth_probe.py NAME [init=split] [noise=0.15] [factor=16]
+Usage: python benchmarks/tokenformer_growth_probe.py NAME [init=split] [noise=0.1] [factor=16]
        [lr=1.0 (multiplier of the grown stage's peak)] [warm=30 (its warm-up steps)] [seed=0]
        [vscale=1.0 (learning-rate multiplier of the value tokens, by an optimizer parameter group)]
        [vramp=0 (steps over which that multiplier returns to 1; 0: it stays)]
@@ -61,7 +61,7 @@ def add_relative_noise(name: str, mod: Pattention, old: torch.Tensor, old_scale:
 def main() -> None:
     if len(sys.argv) < 2 or "=" in sys.argv[1]:
         sys.exit(__doc__)
-    name, opts = sys.argv[1], {"init": "split", "noise": 0.15, "factor": 16, "lr": 1.0, "warm": None, "seed": 0,
+    name, opts = sys.argv[1], {"init": "split", "noise": 0.1, "factor": 16, "lr": 1.0, "warm": None, "seed": 0,
                         "vscale": 1.0, "vramp": 0, "kvmul": 1.0, "factor2": 1, "mid": 0, "restart": 0, "rel": 0, "sched": "stages",
                         "n2": None}
     for arg in sys.argv[2:]:

@@ -208,16 +208,15 @@ def _pad(moment: torch.Tensor, m: int) -> torch.Tensor:
     return torch.cat([moment, moment.new_zeros(m, *moment.shape[1:])])
 
 
-def grow(model: nn.Module, qkv_tokens: int = 0, ffn_tokens: int = 0, *, value_std: float = 0.02,
-         seed: int = 0, init: str = "zero", split_noise: float = 0.1,
-         optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+def grow(model: nn.Module, qkv_tokens: int = 0, ffn_tokens: int = 0, *,
+         optimizer: torch.optim.Optimizer | None = None, **options) -> nn.Module:
     """Grow a (plain, unwrapped) TokenFormerLM in place; returns it with its `cfg` updated.
 
+    `options` are GrowArgs' other fields (value_std, seed, init, split_noise), with its defaults.
     With `optimizer` (Adam/AdamW holding the model's parameters), the grown parameters replace the
     old ones in it, their moments grown alike (`grown_moment`) and their step count kept.
     """
-    args = GrowArgs(qkv_tokens=qkv_tokens, ffn_tokens=ffn_tokens, value_std=value_std, seed=seed,
-                    init=init, split_noise=split_noise)
+    args = GrowArgs(qkv_tokens=qkv_tokens, ffn_tokens=ffn_tokens, **options)
     for path, module in model.named_modules():
         if not isinstance(module, Pattention):
             continue

@@ -250,3 +250,7 @@ def test_bad_growth_arguments_name_the_field():
         GrowArgs(qkv_tokens=1, init="copy")
     with pytest.raises(ValueError, match="split_noise must be 0 or more"):
         GrowArgs(qkv_tokens=1, split_noise=-0.1)
+    with pytest.raises(TypeError, match="split_nois"):  # grow() takes GrowArgs' fields, no others
+        grow(tiny(), qkv_tokens=4, ffn_tokens=4, split_nois=0.1)
+    with pytest.raises(ValueError, match="init must be one of"):  # and checks them as GrowArgs does
+        grow(tiny(), qkv_tokens=4, ffn_tokens=4, init="copy")
