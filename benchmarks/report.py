@@ -46,6 +46,11 @@ NOTES = {
                                    "0.15) and zero-key growth (G_zero), run at commit c25578f (today: `python "
                                    "benchmarks/tokenformer_growth.py --b1-steps total --n2 900 --inits "
                                    "split,zero`, with value_scale and noise 0.1).",
+    "tokenformer_growth_n6000_seed2": "The same benchmark with both budgets doubled (S and B1 6000 steps, "
+                                      "G's grown stage 2280, still 0.498 of B1), seed 2 only (the farthest "
+                                      "at 3000): does a longer-trained, flatter B1 let G catch up? "
+                                      "(`python benchmarks/tokenformer_growth.py --inits split --seed 2 "
+                                      "--n1 6000 --n2 2280`).",
     "tokenformer_growth_x8": "The previous size of the same benchmark (width 64, 8 / 32 tokens grown x8, "
                              "zero-key growth only; the script has since gained split growth): `python "
                              "benchmarks/tokenformer_growth.py --dim 64 --qkv-tokens 8 --ffn-tokens 32 "
@@ -79,6 +84,7 @@ HEADLINES = {
                            "final_val_G", "final_val_B1", "val_B1_at_G_flops", "growth_max_logit_change"],
     "tokenformer_growth_b1_total": ["reached_target", "final_val_G", "final_val_B1", "reached_target_zero",
                                     "final_val_G_zero"],
+    "tokenformer_growth_n6000_seed2": ["reached_target", "final_val_G", "final_val_B1", "val_B1_at_G_flops"],
     "tokenformer_growth_x8": ["reached_target", "final_val_G", "final_val_B1"],
     "matformer": ["mae_ratio_vs_baseline", "mae_over_target_std", "graph_build_ms_per_structure"],
     "upt": ["rollout_error_ratio_vs_fno", "step_time_ratio_16x_points", "one_step_error_vs_persistence",
