@@ -375,7 +375,8 @@ def main() -> None:
     small_cfg, big_cfg = configs(mode)
     ratio = flops_per_token(small_cfg, mode["seq_len"]) / flops_per_token(big_cfg, mode["seq_len"])
     figures = {
-        "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "seed_list": mode["seeds"], "schedule": args.schedule,
+        "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "seed_list": mode["seeds"],
+        "schedule": args.schedule,
         "b1_steps": b1_length(mode),
         **{k: mode[k] for k in ("dim", "n_layers", "qkv_tokens", "ffn_tokens", "seq_len", "batch")},
         "factor": mode["factor"], "steps_small": mode["n1"], "steps_grown": mode["n2"],

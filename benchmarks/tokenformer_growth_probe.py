@@ -39,8 +39,8 @@ from shipyard_models.tokenformer.growth import GrowArgs, _generator, copies  # n
 from shipyard_models.tokenformer.model import Pattention  # noqa: E402
 
 OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int,
-           "vscale": float, "vramp": int, "kvmul": float, "factor2": int, "mid": int, "restart": int, "rel": int, "sched": str,
-           "n2": int}
+           "vscale": float, "vramp": int, "kvmul": float, "factor2": int, "mid": int, "restart": int,
+           "rel": int, "sched": str, "n2": int}
 EVALS = (15, 60, 150, 300, 450, 600, 750, 900)  # grown steps at which to evaluate (and the last one)
 
 
@@ -62,8 +62,8 @@ def main() -> None:
     if len(sys.argv) < 2 or "=" in sys.argv[1]:
         sys.exit(__doc__)
     name, opts = sys.argv[1], {"init": "split", "noise": 0.1, "factor": 16, "lr": 1.0, "warm": None, "seed": 0,
-                        "vscale": 1.0, "vramp": 0, "kvmul": 1.0, "factor2": 1, "mid": 0, "restart": 0, "rel": 0, "sched": "stages",
-                        "n2": None}
+                        "vscale": 1.0, "vramp": 0, "kvmul": 1.0, "factor2": 1, "mid": 0, "restart": 0, "rel": 0,
+                        "sched": "stages", "n2": None}
     for arg in sys.argv[2:]:
         key, _, value = arg.partition("=")
         if key not in OPTIONS:
@@ -77,7 +77,8 @@ def main() -> None:
     train_set, val = bench.load_data(mode, Path(tempfile.mkdtemp()))
     batch = bench.batches(seed, mode, train_set)  # the benchmark's batches, in its order
     small, _ = bench.configs(mode)
-    cache = Path(tempfile.gettempdir()) / f"shipyard-tokenformer-S-seed{seed}-{n1}{'' if staged else f'-global{n2}'}.pt"
+    suffix = "" if staged else f"-global{n2}"  # S differs by schedule
+    cache = Path(tempfile.gettempdir()) / f"shipyard-tokenformer-S-seed{seed}-{n1}{suffix}.pt"
     torch.manual_seed(seed)
     run = bench.Run(FAMILY.build(small))
     if cache.exists():
