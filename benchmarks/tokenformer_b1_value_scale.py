@@ -3,8 +3,13 @@ benchmark's batches and schedule) with every Pattention layer's value_scale set 
 stored values divided by it (the same function; Adam then moves the values at SCALE of the learning
 rate, as split growth's value_scale 1 / k does for G's).
 
-Usage: python benchmarks/tokenformer_b1_value_scale.py SEED SCALE   (prints the validation loss every
-500 steps; seed 2, SCALE 0.0625: 1.3236 after 3000 steps against B1's 1.342, ~25 min sharing the CPU)
+With DECAY, B1 runs the `wsd` schedule instead (warm-up, the peak learning rate, then cosine to 10%
+over its last DECAY steps: the shape G has under `--schedule wsd`); SCALE 1 leaves values as they are.
+With PEAK, that peak learning rate instead of the benchmark's 3e-3.
+
+Usage: python benchmarks/tokenformer_b1_value_scale.py SEED SCALE [DECAY [PEAK]]  (prints the validation
+loss every 500 steps; seed 2, SCALE 0.0625: 1.3236 after 3000 steps against B1's 1.342, ~25 min sharing
+the CPU; seed 2, SCALE 1, DECAY 1140: 1.2943, 14 min)
 """
 from __future__ import annotations
 
@@ -23,10 +28,13 @@ from shipyard_models.tokenformer.model import Pattention  # noqa: E402
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4, 5):
         sys.exit(__doc__)
     seed, scale = int(sys.argv[1]), float(sys.argv[2])
-    mode = {**bench.FULL, "schedule": "stages"}
+    decay = int(sys.argv[3]) if len(sys.argv) >= 4 else 0
+    mode = {**bench.FULL, "schedule": "wsd" if decay else "stages"}
+    if len(sys.argv) == 5:
+        mode["lr"] = float(sys.argv[4])
     torch.set_num_threads(1)
     train_set, val = bench.load_data(mode, Path(tempfile.mkdtemp()))
     batch = bench.batches(seed, mode, train_set)
@@ -40,9 +48,12 @@ def main() -> None:
                 mod.value_scale.fill_(scale)
     run = bench.Run(model)
     t0 = time.perf_counter()
-    for step in range(mode["n1"]):
-        run.step(batch(step), step, mode, staged=True)
-        if (step + 1) % 500 == 0 or step + 1 == mode["n1"]:
+    steps = mode["n1"]
+    if decay:  # "wsd" over B1's own length: the peak for steps - decay, then the decay
+        mode.update(n1=steps - decay, n2=decay)
+    for step in range(steps):
+        run.step(batch(step), step, mode, mode["schedule"])
+        if (step + 1) % 500 == 0 or step + 1 == steps:
             print(step + 1, round(run.evaluate(step + 1, val), 4), f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -51,7 +51,11 @@ small model's budget, `--n2 900`; one stage is a tenth, `--n2 300`.)
 Learning rate (the platform's warm-up + cosine-to-10% schedule): with `--schedule stages` (the
 default, what a multi-stage job does, since each stage is its own run) S runs one schedule over
 N1 steps and G and B2 a new one over N2 steps (with a warm-up again); with `--schedule global`
-S, G and B2 follow one schedule over N1 + N2 steps. B1 always runs one over its own length.
+S, G and B2 follow one schedule over N1 + N2 steps. B1 always runs one over its own length. With
+`--schedule wsd` (warmup-stable-decay) nothing decays before growth: S stays at the peak after its
+warm-up, G and B2 decay from the peak over their N2 steps without a second warm-up, and B1 stays
+at the peak until its last N2 steps and then decays alike. (In a job spec: the small stage
+`lr_schedule: constant`, the grown stage `warmup_steps: 0`.)
 Validation loss on fixed held-out batches, every `eval_every_small` steps in the small stage and
 every `eval_every` steps after it. FLOPs are analytic (`flops_per_token`: forward + backward = 3x
 forward, per token of the batch). G's cost to reach B1's final validation loss is counted at the
@@ -147,14 +151,19 @@ class Run:
         self.opt = opt or torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
         self.curve: list[tuple[int, float]] = []
 
-    def step(self, batch, step: int, mode: dict, staged: bool) -> None:
-        n1, total = mode["n1"], mode["n1"] + mode["n2"]
-        if not staged:
-            lr = lr_at(step, total, mode["lr"], mode["warmup"])
+    def step(self, batch, step: int, mode: dict, schedule: str) -> None:
+        """One AdamW step at `schedule`'s learning rate (`--schedule`: stages, global or wsd)."""
+        n1, total, peak = mode["n1"], mode["n1"] + mode["n2"], mode["lr"]
+        if schedule == "global":
+            lr = lr_at(step, total, peak, mode["warmup"])
+        elif schedule == "wsd" and step < n1:  # warm-up, then the peak until growth: no decay to undo
+            lr = peak * min(1.0, (step + 1) / mode["warmup"])
+        elif schedule == "wsd":  # the grown stage decays from the peak (a warm-up only if asked)
+            lr = lr_at(step - n1, mode["n2"], peak, mode.get("warmup_grown", 0))
         elif step < n1:
-            lr = lr_at(step, n1, mode["lr"], mode["warmup"])
+            lr = lr_at(step, n1, peak, mode["warmup"])
         else:
-            lr = lr_at(step - n1, mode["n2"], mode["lr"], mode["warmup"])
+            lr = lr_at(step - n1, mode["n2"], peak, mode["warmup"])
         for g in self.opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         loss, _ = FAMILY.loss(self.model.train(), batch, step, mode["n1"] + mode["n2"])
@@ -247,9 +256,9 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
                 grown[init].curve = list(s.curve)
         x = batch(step)
         for run in (s, *grown.values()):
-            run.step(x, step, mode, staged=mode["schedule"] == "stages")
-        if step < b1_steps:  # its own schedule over its own length (over N1 that is the "stages" one)
-            b1.step(x, step, mode, staged=b1_steps == n1)
+            run.step(x, step, mode, mode["schedule"])
+        if step < b1_steps:
+            b1.step(x, step, *b1_schedule(mode))
         if evaluated(step + 1):
             runs = [("S/B2", s)] + [("B1", b1)] * (step < b1_steps) + [
                 (_label(init, mode), run) for init, run in grown.items()]
@@ -289,6 +298,15 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
 def b1_length(mode: dict) -> int:
     """B1's steps: N1 (the paper's protocol, `--b1-steps small`) or N1 + N2 (`total`)."""
     return mode["n1"] if mode["b1_steps"] == "small" else mode["n1"] + mode["n2"]
+
+
+def b1_schedule(mode: dict) -> tuple[dict, str]:
+    """B1's schedule, over its own length: warm-up + cosine (over N1 that is what `stages` gives S),
+    or with `--schedule wsd` the peak until its last N2 steps, then the decay G's grown stage has."""
+    steps = b1_length(mode)
+    if mode["schedule"] == "wsd":
+        return {**mode, "n1": steps - mode["n2"]}, "wsd"
+    return mode, "stages" if steps == mode["n1"] else "global"
 
 
 def _label(init: str, mode: dict) -> str:
@@ -339,8 +357,9 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, fewer steps (~3 min, one thread)")
-    parser.add_argument("--schedule", choices=["stages", "global"], default="stages",
-                        help="a learning-rate schedule per stage (as a multi-stage job) or one for all")
+    parser.add_argument("--schedule", choices=["stages", "global", "wsd"], default="stages",
+                        help="a learning-rate schedule per stage (as a multi-stage job), one for all, or "
+                             "warmup-stable-decay (S at the peak, decay in the last N2 steps)")
     parser.add_argument("--b1-steps", choices=["small", "total"], default="small",
                         help="B1's length: the small stage's N1 steps, the paper's protocol (default), "
                              "or G's total N1 + N2")

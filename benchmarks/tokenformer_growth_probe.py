@@ -9,6 +9,7 @@ rest on; these probes are how its settings were chosen (their lines go to
 benchmarks/results/tokenformer_growth_probes.jsonl, one per probe).
 
 Usage: python benchmarks/tokenformer_growth_probe.py NAME [init=split] [noise=0.1] [factor=16]
+       [peak=0.003 (the peak learning rate of both stages; S is cached per peak)]
        [lr=1.0 (multiplier of the grown stage's peak)] [warm=30 (its warm-up steps)] [seed=0]
        [vscale=1.0 (learning-rate multiplier of the value tokens, by an optimizer parameter group)]
        [vramp=0 (steps over which that multiplier returns to 1; 0: it stays)]
@@ -40,7 +41,7 @@ from shipyard_models.tokenformer.model import Pattention  # noqa: E402
 
 OPTIONS = {"init": str, "noise": float, "factor": int, "lr": float, "warm": int, "seed": int,
            "vscale": float, "vramp": int, "kvmul": float, "factor2": int, "mid": int, "restart": int,
-           "rel": int, "sched": str, "n2": int}
+           "rel": int, "sched": str, "n2": int, "peak": float}
 EVALS = (15, 60, 150, 300, 450, 600, 750, 900)  # grown steps at which to evaluate (and the last one)
 
 
@@ -63,21 +64,21 @@ def main() -> None:
         sys.exit(__doc__)
     name, opts = sys.argv[1], {"init": "split", "noise": 0.1, "factor": 16, "lr": 1.0, "warm": None, "seed": 0,
                         "vscale": 1.0, "vramp": 0, "kvmul": 1.0, "factor2": 1, "mid": 0, "restart": 0, "rel": 0,
-                        "sched": "stages", "n2": None}
+                        "sched": "stages", "n2": None, "peak": bench.FULL["lr"]}
     for arg in sys.argv[2:]:
         key, _, value = arg.partition("=")
         if key not in OPTIONS:
             sys.exit(f"unknown option {key!r}; choose from {', '.join(OPTIONS)}")
         opts[key] = OPTIONS[key](value)
-    mode = {**bench.FULL, "schedule": opts["sched"]}
-    staged = opts["sched"] == "stages"
+    mode = {**bench.FULL, "schedule": opts["sched"], "lr": opts["peak"]}
     mode["n2"] = opts["n2"] or mode["n2"]
     seed, n1, n2 = opts["seed"], mode["n1"], mode["n2"]
     torch.set_num_threads(1)
     train_set, val = bench.load_data(mode, Path(tempfile.mkdtemp()))
     batch = bench.batches(seed, mode, train_set)  # the benchmark's batches, in its order
     small, _ = bench.configs(mode)
-    suffix = "" if staged else f"-global{n2}"  # S differs by schedule
+    suffix = {"stages": "", "global": f"-global{n2}", "wsd": "-wsd"}[opts["sched"]]  # S differs by schedule
+    suffix += "" if opts["peak"] == bench.FULL["lr"] else f"-peak{opts['peak']:g}"  # and by peak
     cache = Path(tempfile.gettempdir()) / f"shipyard-tokenformer-S-seed{seed}-{n1}{suffix}.pt"
     torch.manual_seed(seed)
     run = bench.Run(FAMILY.build(small))
@@ -88,7 +89,7 @@ def main() -> None:
     else:
         t0 = time.perf_counter()
         for step in range(n1):
-            run.step(batch(step), step, mode, staged=staged)
+            run.step(batch(step), step, mode, opts["sched"])
         torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict()}, cache)
         print(f"S trained in {time.perf_counter() - t0:.0f} s (cached at {cache})", flush=True)
     curve = [(n1, round(run.evaluate(n1, val), 4))]
@@ -114,7 +115,8 @@ def main() -> None:
         group = run.opt.param_groups[0]
         group["params"] = [p for p in group["params"] if id(p) not in ids]
         run.opt.add_param_group({"params": values, "lr_scale": opts["vscale"]})
-    grown_mode = {**mode, "lr": mode["lr"] * opts["lr"], "warmup": opts["warm"] or mode["warmup"]}
+    grown_mode = {**mode, "lr": mode["lr"] * opts["lr"], "warmup": opts["warm"] or mode["warmup"],
+                  "warmup_grown": opts["warm"] or 0}
     t0 = time.perf_counter()
     for step in range(n1, n1 + n2):
         if opts["factor2"] > 1 and step == n1 + opts["mid"]:
@@ -126,11 +128,11 @@ def main() -> None:
             t = min(1.0, (step - n1) / opts["vramp"])
             run.opt.param_groups[1]["lr_scale"] = opts["vscale"] + t * (1.0 - opts["vscale"])
         if opts["restart"] and opts["factor2"] > 1 and step >= n1 + opts["mid"]:  # the last stage's own schedule
-            run.step(batch(step), step, {**grown_mode, "n1": n1 + opts["mid"], "n2": n2 - opts["mid"]}, staged=True)
+            run.step(batch(step), step, {**grown_mode, "n1": n1 + opts["mid"], "n2": n2 - opts["mid"]}, "stages")
         elif opts["restart"] and opts["factor2"] > 1:  # the middle stage's own schedule
-            run.step(batch(step), step, {**grown_mode, "n2": opts["mid"]}, staged=True)
+            run.step(batch(step), step, {**grown_mode, "n2": opts["mid"]}, "stages")
         else:
-            run.step(batch(step), step, grown_mode, staged=staged)
+            run.step(batch(step), step, grown_mode, opts["sched"])
         if step + 1 - n1 in EVALS or step + 1 == n1 + n2:
             curve.append((step + 1, round(run.evaluate(step + 1, val), 4)))
             print(f"{name} step {step + 1}: {curve[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
