@@ -51,6 +51,11 @@ NOTES = {
                                       "at 3000): does a longer-trained, flatter B1 let G catch up? "
                                       "(`python benchmarks/tokenformer_growth.py --inits split --seed 2 "
                                       "--n1 6000 --n2 2280`).",
+    "tokenformer_growth_wsd": "The same benchmark with a warmup-stable-decay schedule for every run: S at the "
+                              "peak learning rate until growth (nothing to re-warm), G and B2 decaying over "
+                              "their grown steps, B1 at the peak until its last `steps_grown` steps and then "
+                              "decaying alike -- is the cosine B1 the fair target? (`python "
+                              "benchmarks/tokenformer_growth.py --inits split --schedule wsd`).",
     "tokenformer_growth_x8": "The previous size of the same benchmark (width 64, 8 / 32 tokens grown x8, "
                              "zero-key growth only; the script has since gained split growth): `python "
                              "benchmarks/tokenformer_growth.py --dim 64 --qkv-tokens 8 --ffn-tokens 32 "
@@ -85,6 +90,7 @@ HEADLINES = {
     "tokenformer_growth_b1_total": ["reached_target", "final_val_G", "final_val_B1", "reached_target_zero",
                                     "final_val_G_zero"],
     "tokenformer_growth_n6000_seed2": ["reached_target", "final_val_G", "final_val_B1", "val_B1_at_G_flops"],
+    "tokenformer_growth_wsd": ["reached_target", "final_val_G", "final_val_B1", "val_B1_at_G_flops"],
     "tokenformer_growth_x8": ["reached_target", "final_val_G", "final_val_B1"],
     "matformer": ["mae_ratio_vs_baseline", "mae_over_target_std", "graph_build_ms_per_structure"],
     "upt": ["rollout_error_ratio_vs_fno", "step_time_ratio_16x_points", "one_step_error_vs_persistence",

@@ -14,8 +14,9 @@ Usage: python benchmarks/tokenformer_growth_probe.py NAME [init=split] [noise=0.
        [vscale=1.0 (learning-rate multiplier of the value tokens, by an optimizer parameter group)]
        [vramp=0 (steps over which that multiplier returns to 1; 0: it stays)]
        [kvmul=1.0 (multiplier of the key tokens' Adam second moments after growth)]
-       [n2=1140 (grown steps)] [sched=stages (or global: S, G on one schedule over N1 + N2; S is
-        cached per schedule)] [rel=0 (1: noise is relative, times each layer's old value RMS)]
+       [n2=1140 (grown steps)] [sched=stages (or global: S, G on one schedule over N1 + N2; or wsd:
+        S at the peak, G decaying from it, no second warm-up unless `warm`; S is cached per schedule)]
+       [rel=0 (1: noise is relative, times each layer's old value RMS)]
        [factor2=1 mid=0 restart=0 (two growths: by `factor` at N1, by `factor2` mid grown steps
         later; restart=1 gives each grown stage its own schedule, else one spans both)]
 (The probes with vscale < 1 ran before split growth set each layer's value_scale to 1 / k, which
@@ -70,6 +71,8 @@ def main() -> None:
         if key not in OPTIONS:
             sys.exit(f"unknown option {key!r}; choose from {', '.join(OPTIONS)}")
         opts[key] = OPTIONS[key](value)
+    if opts["sched"] not in ("stages", "global", "wsd"):
+        sys.exit(f"sched must be stages, global or wsd, got {opts['sched']!r}")
     mode = {**bench.FULL, "schedule": opts["sched"], "lr": opts["peak"]}
     mode["n2"] = opts["n2"] or mode["n2"]
     seed, n1, n2 = opts["seed"], mode["n1"], mode["n2"]
