@@ -4,12 +4,17 @@
 runs on the calling thread (Ray Train handles Ctrl-C there) while a helper thread drains the run's
 `Channel` actor: it draws the progress bar and logs to MLflow. The first Ctrl-C asks the workers
 to stop after the current step with a checkpoint; a second one aborts at once.
+
+A run's status comes from how far it got: the step of its last progress record or of its newest
+complete checkpoint, whichever is later (the loop checkpoints the final step, so a run whose last
+records are still being drained when `fit()` returns is still FINISHED).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +33,12 @@ from shipyard.train import checkpoint as ckpt
 from shipyard.train.loop import train_loop
 from shipyard.train.storage import filesystem, join, storage_root
 from shipyard.train.tracking import Tracker, TrackingUnavailable
+
+FOLLOWER_WAIT_S = 300.0
+"""How long the driver waits, once the run has ended, for its follower to drain the last progress
+records into MLflow. The follower is slow only while an `on_record` callback is (logging during a
+tracking outage buffers without waiting); past this the run ends without the records still held,
+and says so."""
 
 
 @ray.remote(num_cpus=0)
@@ -135,6 +146,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     groups: set[str] = set()  # placement groups the worker groups ran in
     done = threading.Event()
 
+    abandoned = threading.Event()  # the driver stopped waiting for the follower (FOLLOWER_WAIT_S)
     tracking_error: list[BaseException] = []
 
     def follow():
@@ -145,6 +157,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
             for r in records:
                 if on_record:
                     on_record(r)
+                if abandoned.is_set():  # the run was finished without us: log nothing after it
+                    return
                 if r.get("event") == "resumed":
                     progress.note(f"resumed from step {r['step']} ({r['checkpoint']})")
                 if r.get("event") == "skipped":
@@ -181,6 +195,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     except KeyboardInterrupt:
         done.set()
         follower.join(timeout=10)
+        abandoned.set()
         progress.close()
         tracker.finish("KILLED", last)
         raise
@@ -188,7 +203,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
         error = e
     finally:
         done.set()
-        follower.join(timeout=30)
+        if not abandoned.is_set():
+            _join_follower(follower, abandoned, progress.note if not quiet else _warn, last)
         progress.close()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_sigint)
@@ -205,9 +221,12 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     if latest and run_dir.startswith("s3://"):
         latest = "s3://" + latest
     # A run stopped early (Ctrl-C, --stop-at) is KILLED in MLflow's terms until resumed to its end.
+    # Its newest complete checkpoint counts as well as its last record: a run resumed at its end
+    # sends none, and a follower given up on (FOLLOWER_WAIT_S) has not passed on the last ones.
     done_at = last.get("step")
-    if done_at is None and latest and error is None:  # resumed at its end: nothing was left to run
-        done_at = int(latest.rstrip("/").rsplit("-", 1)[-1])
+    if latest and error is None:
+        saved_at = int(latest.rstrip("/").rsplit("-", 1)[-1])
+        done_at = saved_at if done_at is None else max(done_at, saved_at)
     status = "FAILED" if error else ("FINISHED" if done_at == spec.train.steps else "KILLED")
     if latest:
         tracker.set_tag("checkpoint", latest)
@@ -215,6 +234,26 @@ def run_job(spec: JobSpec, *, address: str | None = None, resume: tuple[str, str
     ray.kill(channel)
     return RunResult(run_id=tracker.run_id, run_name=run_name, status=status, checkpoint=latest,
                      metrics=last, tracking_uri=tracker.client.tracking_uri, error=error)
+
+
+def _join_follower(follower: threading.Thread, abandoned: threading.Event, note: Callable[[str], None],
+                   last: dict) -> None:
+    """Wait for the follower's last drain (it returns once it has logged what the run sent),
+    up to FOLLOWER_WAIT_S; then tell it to stop before it logs anything more."""
+    follower.join(timeout=min(10.0, FOLLOWER_WAIT_S))
+    if follower.is_alive():
+        note(f"the run has ended; waiting up to {FOLLOWER_WAIT_S:.0f} s for its last progress records "
+             "(an on_record callback is slow)")
+        follower.join(timeout=max(0.0, FOLLOWER_WAIT_S - 10.0))
+    if follower.is_alive():
+        abandoned.set()
+        note(f"gave up on the progress records after step {last.get('step', 0)} after waiting "
+             f"{FOLLOWER_WAIT_S:.0f} s: they are not logged to MLflow; the status comes from the checkpoints")
+
+
+def _warn(text: str) -> None:
+    """A quiet run's warnings go to stderr (a bar's go above the bar)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _release_placement_groups(groups: set[str], wait_s: float = 20.0) -> None:
