@@ -49,9 +49,14 @@ def test_too_small_dataset_is_a_clear_error():
         ShardedBatches(Numbers(3), 4, 0, 1, seed=0)
 
 
-def test_eval_batches_are_fixed_and_sharded():
-    ds = Numbers(40)
-    r0 = [b["x"].flatten().tolist() for b in eval_batches(ds, 8, 0, 2, 3)]
-    r1 = [b["x"].flatten().tolist() for b in eval_batches(ds, 8, 1, 2, 3)]
-    assert r0 == [[0, 1, 2, 3], [8, 9, 10, 11], [16, 17, 18, 19]]
-    assert r1[0] == [4, 5, 6, 7]
+def test_eval_batches_are_fixed_sharded_and_spread_over_the_whole_set():
+    ds = Numbers(48)
+    r0 = [b["x"].flatten().tolist() for b in eval_batches(ds, 4, 0, 2, 3)]
+    r1 = [b["x"].flatten().tolist() for b in eval_batches(ds, 4, 1, 2, 3)]
+    assert r0 == [[0, 4], [16, 20], [32, 36]]  # 12 samples, every 4th: the end of the set is seen
+    assert r1 == [[8, 12], [24, 28], [40, 44]]
+    assert r0 == [b["x"].flatten().tolist() for b in eval_batches(ds, 4, 0, 2, 3)]  # the same each time
+    single = [b["x"].flatten().tolist() for b in eval_batches(ds, 4, 0, 1, 3)]
+    assert single == [a + b for a, b in zip(r0, r1)]  # world size changes the split, not the samples
+    whole = [b["x"].flatten().tolist() for b in eval_batches(ds, 8, 0, 1, 100)]  # asks for more than there is
+    assert sum(whole, []) == list(range(48))

@@ -56,9 +56,15 @@ class ShardedBatches:
 
 def eval_batches(dataset: Dataset, global_batch: int, rank: int, world_size: int,
                  num_batches: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The first `num_batches` global batches of the validation set in order, sharded like training."""
+    """`num_batches` fixed global batches of the validation set, sharded like training.
+
+    Their samples are spread evenly over the whole set, not its first `num_batches` batches: a
+    validation split cut from a corpus in order (the code corpus's files, a simulated trajectory)
+    is not shuffled, so its beginning is one file or one stretch of time. Every evaluation (and every
+    world size) sees the same samples; rank r takes the r-th slice of each global batch."""
     per_worker = global_batch // world_size
     total = min(num_batches, len(dataset) // global_batch)
+    picks = [k * len(dataset) // (total * global_batch) for k in range(total * global_batch)]
     for b in range(total):
         start = b * global_batch + rank * per_worker
-        yield collate([dataset[i] for i in range(start, start + per_worker)])
+        yield collate([dataset[i] for i in picks[start:start + per_worker]])
