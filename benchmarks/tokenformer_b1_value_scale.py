@@ -48,11 +48,10 @@ def main() -> None:
                 mod.value_scale.fill_(scale)
     run = bench.Run(model)
     t0 = time.perf_counter()
-    steps = mode["n1"]
-    if decay:  # "wsd" over B1's own length: the peak for steps - decay, then the decay
-        mode.update(n1=steps - decay, n2=decay)
+    steps = mode["n1"]  # B1's length; with DECAY its schedule decays over the last DECAY steps, as G's
+    b1_mode, schedule = bench.b1_schedule({**mode, "b1_steps": "small", "n2": decay or mode["n2"]})
     for step in range(steps):
-        run.step(batch(step), step, mode, mode["schedule"])
+        run.step(batch(step), step, b1_mode, schedule)
         if (step + 1) % 500 == 0 or step + 1 == steps:
             print(step + 1, round(run.evaluate(step + 1, val), 4), f"{time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -89,7 +89,7 @@ Curves (against FLOPs and, zoomed, the grown stage by step) go to benchmarks/res
 
 Usage: python benchmarks/tokenformer_growth.py [--quick] [--schedule global] [--seeds N]
        [--b1-steps total] [--inits split,zero] [--dim D --n-layers L --qkv-tokens Q --ffn-tokens F --factor K
-        --seq-len T --batch B --n1 N1 --n2 N2 ...]  ->  benchmarks/results/tokenformer_growth.json
+        --seq-len T --batch B --n1 N1 --n2 N2 ...] [--device cuda]  ->  benchmarks/results/tokenformer_growth.json
 (63 min measured with --inits split on one thread with the test suite on the other core;
 --quick: one seed, N1 = 1000, N2 = 300, ~5 min).
 """
@@ -202,13 +202,14 @@ def configs(mode: dict) -> tuple[Config, Config]:
 
 
 def load_data(mode: dict, tmp: Path):
-    """The training windows and fixed validation batches spread over the whole held-out split."""
+    """The training windows and fixed validation batches (on `mode["device"]`) spread over the
+    whole held-out split."""
     train_set, val_set = FAMILY.datasets(Config(max_seq_len=mode["seq_len"]),
                                          DataConfig(seq_len=mode["seq_len"], max_bytes=mode["max_bytes"]), tmp)
     every = max(1, len(val_set) // (mode["val_batches"] * mode["batch"]))
     idx = list(range(0, len(val_set), every))[:mode["val_batches"] * mode["batch"]]
-    val_batches = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]])}
-                   for k in range(0, len(idx), mode["batch"])]
+    val_batches = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]]).to(
+                    mode.get("device", "cpu"))} for k in range(0, len(idx), mode["batch"])]
     return train_set, val_batches
 
 
@@ -217,7 +218,8 @@ def batches(seed: int, mode: dict, train_set):
     order = torch.Generator().manual_seed(1000 + seed)
     picks = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist()
              for _ in range(mode["n1"] + mode["n2"])]
-    return lambda step: {"tokens": torch.stack([train_set[i]["tokens"] for i in picks[step]])}
+    device = mode.get("device", "cpu")
+    return lambda step: {"tokens": torch.stack([train_set[i]["tokens"] for i in picks[step]]).to(device)}
 
 
 def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
@@ -232,10 +234,11 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
         return step % every == 0 or step in (n1, n1 + n2)
 
     change: dict[str, float] = {}  # growth method -> max |logit change| at growth
+    device = mode.get("device", "cpu")  # built on the CPU, then moved: the same weights anywhere
     torch.manual_seed(seed)
-    s = Run(FAMILY.build(small_cfg))
+    s = Run(FAMILY.build(small_cfg).to(device))
     torch.manual_seed(seed)
-    b1 = Run(FAMILY.build(big_cfg))
+    b1 = Run(FAMILY.build(big_cfg).to(device))
     for run in (s, b1):
         run.evaluate(0, val_batches)
     grown: dict[str, Run] = {}  # growth method -> G run
@@ -332,8 +335,8 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
             is_g = name.startswith("G")
             curve = [(st, v) for st, v in curve if not is_g or st >= n1]  # G's start is S's curve
             label = name if r is results[0] else None
-            axes[0].plot([(grown(st) if is_g else per_step[name](st)) / b1_flops for st, _ in curve], [v for _, v in curve],
-                         color=colors[name], alpha=0.8, label=label)
+            flops = [(grown(st) if is_g else per_step[name](st)) / b1_flops for st, _ in curve]
+            axes[0].plot(flops, [v for _, v in curve], color=colors[name], alpha=0.8, label=label)
             late = [(st, v) for st, v in curve if st >= n1]
             if len(late) > 1:
                 axes[1].plot(*zip(*late), color=colors[name], alpha=0.8, label=label)
@@ -348,8 +351,8 @@ def plot(results: list[dict], mode: dict, path: Path) -> None:
         ax.set_ylabel("validation loss (nats / byte)")
         ax.legend()
     fig.suptitle(f"TokenFormer growth x{mode['factor']} after {n1} steps, {mode['n2']} grown steps "
-                 f"(G: {mode['inits'][0]} growth; B1: {b1_length(mode)} steps; {len(results)} seeds; "
-                 "dotted: B1's final loss)")
+                 f"(G: {mode['inits'][0]} growth; B1: {b1_length(mode)} steps; lr schedule {mode['schedule']}; "
+                 f"{len(results)} seeds; dotted: B1's final loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -370,9 +373,13 @@ def main() -> None:
                              "others G_<method> (default split,zero)")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override {name}")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the models and batches (cuda: for sizes a CPU cannot run; "
+                             "float32, the default matmul precision)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokenformer_growth.json")
     args = parser.parse_args()
-    mode = {**(QUICK if args.quick else FULL), "schedule": args.schedule, "b1_steps": args.b1_steps}
+    mode = {**(QUICK if args.quick else FULL), "schedule": args.schedule, "b1_steps": args.b1_steps,
+            "device": args.device}
     mode.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
     if args.seeds is not None:
         mode["seeds"] = list(range(args.seeds))
@@ -394,7 +401,8 @@ def main() -> None:
     small_cfg, big_cfg = configs(mode)
     ratio = flops_per_token(small_cfg, mode["seq_len"]) / flops_per_token(big_cfg, mode["seq_len"])
     figures = {
-        "quick": args.quick, "cores": os.cpu_count(), "seeds": len(results), "seed_list": mode["seeds"],
+        "quick": args.quick, "cores": os.cpu_count(), "device": args.device, "seeds": len(results),
+        "seed_list": mode["seeds"],
         "schedule": args.schedule,
         "b1_steps": b1_length(mode),
         **{k: mode[k] for k in ("dim", "n_layers", "qkv_tokens", "ffn_tokens", "seq_len", "batch")},
