@@ -328,10 +328,10 @@ class _Progress:
         self.bar.start()
 
     def update(self, r: dict) -> None:
-        for key, label, fmt in (("train/loss", "loss", "{:.4f}"), ("val/loss", "val", "{:.4f}"),
+        for key, label, fmt in (("train/loss", "loss", "{:.4f}"), ("val/loss", "val", "{:.4f} (step {step})"),
                                 ("samples_per_s", "samples/s", "{:.1f}")):
-            if key in r:
-                self.info[label] = fmt.format(r[key])
+            if key in r:  # the validation loss is kept between evaluations, so it says whose it is
+                self.info[label] = fmt.format(r[key], step=r["step"])
         info = "  ".join(f"{k} {v}" for k, v in self.info.items())
         self.bar.update(self.task, completed=r["step"], info=info)
         if self.plain and (time.monotonic() - self.printed_at > 10 or r["step"] == self.total):
