@@ -1,6 +1,7 @@
 """moto's S3 server for the integration tests (imported by conftest.py and tests; no package)."""
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -14,9 +15,21 @@ SECRET = "s3cr3t-never-logged"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a server a test starts (moto, MLflow, Ray Serve's proxy).
+
+    Not one the kernel picks (bind to port 0): those come from the ephemeral range
+    (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 here), which every outgoing connection also
+    draws its source port from, and Ray opens many; between this check and the server's bind one took
+    the port (seen once in CI: Serve's proxy "Failed to bind to address", every serve test failing).
+    So a random free port between Ray's default worker ports (10002-19999) and the ephemeral range."""
+    for port in random.Random().sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 def start_moto(log: Path | None = None) -> tuple[subprocess.Popen, str]:

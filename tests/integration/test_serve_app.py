@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -15,6 +14,7 @@ import pytest
 import requests
 import torch
 
+from s3_server import free_port
 from serve_checkpoints import write_checkpoints
 from serve_fuzz import bodies
 from shipyard.export import load_model
@@ -33,9 +33,7 @@ def apps(ray_cluster, tmp_path_factory):
     from ray import serve
     checkpoints = write_checkpoints(tmp_path_factory.mktemp("serve-runs"))
     token = secrets.token_hex(16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # outside the ephemeral range (s3_server.free_port)
 
     def args(family, **extra):  # the args a `--config` file carries
         options = serving.ServeOptions(checkpoint=str(checkpoints[family]), run_name=f"serve-{family}",

@@ -8,7 +8,6 @@ import io
 import json
 import random
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from ase.neighborlist import primitive_neighbor_list
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from s3_server import free_port
 from serve_checkpoints import write_checkpoints
 from serve_fuzz import bodies
 from shipyard.export import load_model
@@ -68,9 +68,7 @@ def apps(ray_cluster, tmp_path_factory):
                                     jobs=JOBS)
     for family, values in STATISTICS.items():
         _install_statistics(checkpoints[family], values)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # outside the ephemeral range (s3_server.free_port)
 
     def args(family):  # the args a `--config` file carries
         options = serving.ServeOptions(checkpoint=str(checkpoints[family]), run_name=f"serve-{family}",

@@ -6,13 +6,13 @@ with the same checkpoints' models called in-process."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 
+from s3_server import free_port
 from serve_checkpoints import write_checkpoints
 from serve_fuzz import bodies
 from shipyard.export import load_model
@@ -51,9 +51,7 @@ def apps(ray_cluster, tmp_path_factory):
     from ray import serve
     checkpoints = write_checkpoints(tmp_path_factory.mktemp("serve-family-runs"), FAMILIES, jobs=JOBS,
                                     before_save={"upt": one_training_step})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # outside the ephemeral range (s3_server.free_port)
 
     def args(family):  # the args a `--config` file carries
         options = serving.ServeOptions(checkpoint=str(checkpoints[family]), run_name=f"serve-{family}",
