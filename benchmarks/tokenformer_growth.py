@@ -120,7 +120,7 @@ except ImportError:  # running from a checkout without the package installed
 
 FULL = dict(seeds=[0, 1, 2], dim=32, n_layers=2, n_heads=4, qkv_tokens=16, ffn_tokens=64, factor=16,
             n1=3000, n2=1140, batch=32, seq_len=64, lr=3e-3, warmup=30, eval_every_small=150,
-            eval_every=30, val_batches=8, max_bytes=8_000_000)
+            eval_every=30, val_batches=8, max_bytes=8_000_000, device="cpu")
 QUICK = dict(FULL, seeds=[0], n1=1000, n2=300, eval_every_small=100, eval_every=30, val_batches=4,
              max_bytes=3_000_000)
 OVERRIDES = {"dim": int, "n_layers": int, "qkv_tokens": int, "ffn_tokens": int, "factor": int,
@@ -209,7 +209,7 @@ def load_data(mode: dict, tmp: Path):
     every = max(1, len(val_set) // (mode["val_batches"] * mode["batch"]))
     idx = list(range(0, len(val_set), every))[:mode["val_batches"] * mode["batch"]]
     val_batches = [{"tokens": torch.stack([val_set[i]["tokens"] for i in idx[k:k + mode["batch"]]]).to(
-                    mode.get("device", "cpu"))} for k in range(0, len(idx), mode["batch"])]
+                    mode["device"])} for k in range(0, len(idx), mode["batch"])]
     return train_set, val_batches
 
 
@@ -218,8 +218,7 @@ def batches(seed: int, mode: dict, train_set):
     order = torch.Generator().manual_seed(1000 + seed)
     picks = [torch.randint(0, len(train_set), (mode["batch"],), generator=order).tolist()
              for _ in range(mode["n1"] + mode["n2"])]
-    device = mode.get("device", "cpu")
-    return lambda step: {"tokens": torch.stack([train_set[i]["tokens"] for i in picks[step]]).to(device)}
+    return lambda step: {"tokens": torch.stack([train_set[i]["tokens"] for i in picks[step]]).to(mode["device"])}
 
 
 def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
@@ -234,11 +233,10 @@ def one_seed(seed: int, mode: dict, train_set, val_batches, log) -> dict:
         return step % every == 0 or step in (n1, n1 + n2)
 
     change: dict[str, float] = {}  # growth method -> max |logit change| at growth
-    device = mode.get("device", "cpu")  # built on the CPU, then moved: the same weights anywhere
+    torch.manual_seed(seed)  # built on the CPU, then moved: the same weights on any device
+    s = Run(FAMILY.build(small_cfg).to(mode["device"]))
     torch.manual_seed(seed)
-    s = Run(FAMILY.build(small_cfg).to(device))
-    torch.manual_seed(seed)
-    b1 = Run(FAMILY.build(big_cfg).to(device))
+    b1 = Run(FAMILY.build(big_cfg).to(mode["device"]))
     for run in (s, b1):
         run.evaluate(0, val_batches)
     grown: dict[str, Run] = {}  # growth method -> G run
